@@ -1,0 +1,31 @@
+"""neuqi: low-bit post-training quantization with near-optimal scales and floating-point zero-points (NeUQI).
+
+Public API::
+
+    scale, zero_point = neuqi.init_params(weight, bits=3, group_size=64, method="neuqi", hessian_diag=h)
+    w_hat = neuqi.fake_quantize(weight, scale, zero_point, bits=3, group_size=64)
+    model = neuqi.load("out/ckpt")            # packed checkpoint → ready model (QuantLinear layers)
+    tokenizer = neuqi.load_tokenizer("out/ckpt")
+"""
+
+from __future__ import annotations
+
+from .grid import QParams, dequantize, fake_quantize, quantize
+from .hf import register_on_import as _register_on_import
+
+__version__ = "0.1.0"
+
+_CHECKPOINT_API = ("load", "load_tokenizer", "save_quantized", "size_report")
+
+__all__ = ["QParams", "dequantize", "fake_quantize", "quantize", "__version__", *_CHECKPOINT_API]
+
+# Let transformers.AutoModelForCausalLM.from_pretrained load neuqi checkpoints (logs and skips on API drift).
+_register_on_import()
+
+
+def __getattr__(name: str):  # lazy: neuqi.load etc. without importing the checkpoint code up front
+    if name in _CHECKPOINT_API:
+        from . import checkpoint
+
+        return getattr(checkpoint, name)
+    raise AttributeError(f"module 'neuqi' has no attribute {name!r}")

@@ -1,0 +1,130 @@
+"""The uniform quantization grid with a real-valued zero-point (spec §1).
+
+One convention, used everywhere in neuqi. For k bits, M = 2^k − 1, a weight ``w`` in a group with
+scale ``s > 0`` and zero-point ``Z`` (any real number) is stored as the integer code and read back as
+
+    q = clamp(round(w / s + Z), 0, M)        # torch.round: ties to even
+    ŵ = s · (q − Z)
+
+so the grid of one group is {−s·Z, s·(1 − Z), …, s·(M − Z)}. A *group* is ``group_size`` consecutive input columns of
+one output row; ``group_size = -1`` means one group per row (channel-wise). ``scale`` and ``zero_point`` have shape
+``(out, n_groups)`` with ``n_groups = in // group_size``.
+
+(The reference code's internal offset is z = −Z; neuqi only ever uses Z.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import ConfigError, WeightError
+
+MIN_BITS, MAX_BITS = 2, 8
+# Smallest scale we store: the smallest positive *normal* fp16 number, so s survives the fp16 round trip exactly.
+MIN_SCALE = 2.0**-14
+
+
+def check_bits(bits: int) -> int:
+    """Return ``bits`` if it is an integer in 2..8, else raise ConfigError."""
+    if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
+        raise ConfigError(f"bits must be an integer from {MIN_BITS} to {MAX_BITS}, got {bits!r}")
+    return bits
+
+
+def max_code(bits: int) -> int:
+    """M = 2^bits − 1, the largest code."""
+    return (1 << check_bits(bits)) - 1
+
+
+def resolve_group_size(in_features: int, group_size: int) -> int:
+    """Return the effective group size: ``in_features`` for -1, else ``group_size`` if it divides ``in_features``."""
+    if group_size == -1:
+        return in_features
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0:
+        raise ConfigError(f"group_size must be a positive integer or -1 (channel-wise), got {group_size!r}")
+    if in_features % group_size != 0:
+        divisors = [g for g in (32, 64, 128, 256) if in_features % g == 0]
+        hint = f"; sizes that divide it: {divisors}" if divisors else "; use -1 (channel-wise)"
+        raise ConfigError(f"group_size {group_size} does not divide the input width {in_features}{hint}")
+    return group_size
+
+
+def check_finite(weight: torch.Tensor, name: str = "weight") -> None:
+    """Raise WeightError if ``weight`` holds NaN or Inf."""
+    if not torch.isfinite(weight).all():
+        bad = (~torch.isfinite(weight)).sum().item()
+        raise WeightError(f"{name} has {bad} NaN/Inf values; neuqi cannot quantize it")
+
+
+def to_groups(weight: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(out, in) → (out, n_groups, g) view of consecutive input columns."""
+    out_features, in_features = weight.shape
+    g = resolve_group_size(in_features, group_size)
+    return weight.reshape(out_features, in_features // g, g)
+
+
+def expand_params(param: torch.Tensor, group_size: int, in_features: int) -> torch.Tensor:
+    """(out, n_groups) → (out, in): each group's value repeated over its columns."""
+    g = resolve_group_size(in_features, group_size)
+    return param.repeat_interleave(g, dim=1)
+
+
+def quantize(
+    weight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int, group_size: int = -1
+) -> torch.Tensor:
+    """Integer codes q = clamp(round(w/s + Z), 0, M) as uint8, shape (out, in). Computed in fp32."""
+    m = max_code(bits)
+    w = to_groups(weight.float(), group_size)  # (out, G, g)
+    q = torch.round(w / scale.float().unsqueeze(-1) + zero_point.float().unsqueeze(-1)).clamp_(0, m)
+    return q.reshape(weight.shape).to(torch.uint8)
+
+
+def dequantize(
+    codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, group_size: int = -1
+) -> torch.Tensor:
+    """ŵ = s·(q − Z) in fp32, shape (out, in)."""
+    q = to_groups(codes.float(), group_size)  # (out, G, g)
+    w = scale.float().unsqueeze(-1) * (q - zero_point.float().unsqueeze(-1))
+    return w.reshape(codes.shape)
+
+
+def fake_quantize(
+    weight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int, group_size: int = -1
+) -> torch.Tensor:
+    """dequantize(quantize(w)): the weight as the quantized model sees it, fp32, shape (out, in)."""
+    return dequantize(quantize(weight, scale, zero_point, bits, group_size), scale, zero_point, group_size)
+
+
+def to_storage(scale: torch.Tensor, zero_point: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round (scale, zero_point) to the fp16 values a checkpoint stores, returned as fp32.
+
+    Codes must be chosen with these values so that the saved model dequantizes to what was evaluated (spec §11.5).
+    The scale is clamped to [MIN_SCALE, fp16 max] so it stays a positive normal fp16 number.
+    """
+    fp16_max = torch.finfo(torch.float16).max
+    s = scale.float().clamp(MIN_SCALE, fp16_max).half().float()
+    z = zero_point.float().clamp(-fp16_max, fp16_max).half().float()
+    return s, z
+
+
+@dataclass(frozen=True)
+class QParams:
+    """Quantization parameters of one linear: ``scale``, ``zero_point`` of shape (out, n_groups), fp32."""
+
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+    bits: int
+    group_size: int  # -1 for channel-wise
+
+    def __post_init__(self) -> None:
+        check_bits(self.bits)
+        if self.scale.shape != self.zero_point.shape or self.scale.dim() != 2:
+            raise ConfigError(
+                f"scale {tuple(self.scale.shape)} and zero_point {tuple(self.zero_point.shape)} "
+                "must both be (out, n_groups)"
+            )
+
+    def effective_group_size(self, in_features: int) -> int:
+        return resolve_group_size(in_features, self.group_size)
