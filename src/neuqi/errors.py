@@ -1,4 +1,7 @@
-"""Exception types raised by neuqi. Every error a user can cause is one of these, with a message that says what to change."""
+"""Exception types raised by neuqi.
+
+Every error a user can cause is one of these, with a message that says what to change.
+"""
 
 from __future__ import annotations
 
