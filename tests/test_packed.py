@@ -1,0 +1,266 @@
+"""QuantLinear, pack_model and the neuqi checkpoint format (save/load, atomic writes, bad input)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import neuqi
+from neuqi import grid
+from neuqi.checkpoint import load, read_quantization_config, save_quantized, size_report
+from neuqi.errors import CheckpointError, ModelError
+from neuqi.grid import QParams
+from neuqi.packed import QuantLinear, dequantize_packed, pack_model, quantized_linears, set_weight_cache
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def minmax_qparams(weight: torch.Tensor, bits: int, group_size: int, integer_zero: bool = False) -> QParams:
+    """Min-max (s, Z) per group, rounded to their fp16 storage values; Z real unless ``integer_zero``."""
+    w = grid.to_groups(weight.detach().float(), group_size)
+    lo, hi = w.amin(-1), w.amax(-1)
+    s = (hi - lo).clamp_min(1e-6) / grid.max_code(bits)
+    z = -lo / s
+    s, z = grid.to_storage(s, z.round() if integer_zero else z + 0.25)  # +0.25: an off-grid real zero-point
+    return QParams(s, z, bits, group_size)
+
+
+def fake_quantize_linear(
+    linear: nn.Linear, bits: int, group_size: int, integer_zero: bool = False
+) -> QParams:
+    qp = minmax_qparams(linear.weight, bits, group_size, integer_zero)
+    with torch.no_grad():
+        linear.weight.copy_(grid.fake_quantize(linear.weight, qp.scale, qp.zero_point, bits, group_size))
+    return qp
+
+
+def tiny_llama(tie: bool = True, seed: int = 0) -> nn.Module:
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+        tie_word_embeddings=tie,
+    )
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def fake_quantized_llama(bits: int = 3, group_size: int = 32, tie: bool = True, integer_zero: bool = False):
+    """A tiny Llama with fake-quantized decoder linears, and their QParams (what the pipeline returns)."""
+    model = tiny_llama(tie)
+    qparams = {
+        name: fake_quantize_linear(m, bits, group_size, integer_zero)
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear) and name != "lm_head"
+    }
+    return model, qparams
+
+
+def packed_llama(bits: int = 3, group_size: int = 32, tie: bool = True, integer_zero: bool = False):
+    model, qparams = fake_quantized_llama(bits, group_size, tie, integer_zero)
+    return pack_model(model, qparams)
+
+
+TOKENS = torch.tensor([[5, 17, 200, 3, 99, 42, 7, 255]])
+
+
+def logits(model: nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(TOKENS).logits
+
+
+# --- QuantLinear ------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "bits,group_size,bias", [(2, 16, True), (3, 32, False), (4, -1, True), (8, 64, False)]
+)
+def test_forward_bit_exact_vs_fake_quant(bits: int, group_size: int, bias: bool) -> None:
+    torch.manual_seed(bits)
+    linear = nn.Linear(64, 24, bias=bias)
+    qp = fake_quantize_linear(linear, bits, group_size)
+    layer = QuantLinear.from_float(linear, qp.scale, qp.zero_point, bits, group_size)
+    x = torch.randn(3, 5, 64)
+    assert torch.equal(layer(x), linear(x))
+    assert torch.equal(layer.dequantized_weight(), linear.weight)
+    assert layer.qweight.shape == (24, 64 * bits // 8) and layer.scales.dtype == torch.float16
+    assert not torch.equal(layer.zeros, layer.zeros.round())  # the zero-points really are real-valued
+
+
+def test_from_float_refuses_off_grid_weight() -> None:
+    linear = nn.Linear(32, 8)
+    qp = minmax_qparams(
+        linear.weight, 3, 16
+    )  # parameters of this weight, but the weight was not fake-quantized
+    with pytest.raises(ModelError, match="not on the 3-bit grid"):
+        QuantLinear.from_float(linear, qp.scale, qp.zero_point, 3, 16)
+    QuantLinear.from_float(linear, qp.scale, qp.zero_point, 3, 16, exact=False)  # plain RTN is allowed
+
+
+def test_bf16_model_and_dtype_follow_input() -> None:
+    linear = nn.Linear(32, 8).to(torch.bfloat16)
+    qp = fake_quantize_linear(linear, 4, 32)
+    layer = QuantLinear.from_float(linear, qp.scale, qp.zero_point, 4, 32)
+    x = torch.randn(2, 32, dtype=torch.bfloat16)
+    assert layer(x).dtype == torch.bfloat16 and torch.equal(layer(x), linear(x))
+
+
+def test_trainable_scales_get_gradients_and_cache_is_safe() -> None:
+    linear = nn.Linear(32, 8)
+    qp = fake_quantize_linear(linear, 3, 16)
+    layer = QuantLinear.from_float(linear, qp.scale, qp.zero_point, 3, 16)
+    layer.cache_weight = True
+    x = torch.randn(4, 32)
+    y0 = layer(x)
+    with torch.no_grad():
+        layer.scales.mul_(2)  # in-place change must invalidate the cache
+    y1 = layer(x)
+    assert not torch.allclose(y1, y0)
+    layer.zeros = layer.zeros + 1  # a replaced buffer must invalidate it too
+    assert not torch.allclose(layer(x), y1)
+    with torch.inference_mode():
+        assert torch.equal(layer(x), layer(x))
+    layer.scales = nn.Parameter(layer.scales.float())  # distillation: fp32 master parameters
+    layer.zeros = nn.Parameter(layer.zeros.float())
+    layer(x).sum().backward()
+    assert layer.scales.grad is not None and layer.zeros.grad.abs().sum() > 0
+    w = dequantize_packed(layer.qweight, layer.scales, layer.zeros, 3, 16, 32)
+    assert w.requires_grad and w.shape == (8, 32)
+
+
+def test_pack_model_errors_name_the_layer() -> None:
+    model, qparams = fake_quantized_llama()
+    name = "model.layers.0.mlp.up_proj"
+    with torch.no_grad():
+        model.get_submodule(name).weight.add_(1e-3)
+    with pytest.raises(ModelError, match=name):
+        pack_model(model, qparams)
+    with pytest.raises(ModelError, match="no module"):
+        pack_model(model, {"model.nope": qparams[name]})
+    with pytest.raises(ModelError, match="not an nn.Linear"):
+        pack_model(model, {"model.norm": qparams[name]})
+
+
+def test_pack_model_keeps_logits() -> None:
+    model, qparams = fake_quantized_llama(bits=2, group_size=16)
+    before = logits(model)
+    pack_model(model, qparams)
+    assert len(list(quantized_linears(model))) == 14
+    assert torch.equal(logits(model), before)
+    set_weight_cache(model, True)
+    assert torch.equal(logits(model), before)
+
+
+# --- checkpoint ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("tie", [True, False])
+def test_save_load_round_trip_identical_logits(tmp_path, tie: bool) -> None:
+    model = packed_llama(bits=3, group_size=32, tie=tie)
+    out = save_quantized(model, tmp_path / "ck", quant_config={"method": "minmax"})
+    qc = read_quantization_config(out)
+    assert (qc["bits"], qc["group_size"], qc["method"], len(qc["modules"])) == (3, 32, "minmax", 14)
+    loaded = load(out)
+    assert torch.equal(logits(loaded), logits(model))
+    assert (loaded.lm_head.weight is loaded.model.embed_tokens.weight) == tie
+    q = loaded.model.layers[1].mlp.down_proj
+    assert isinstance(q, QuantLinear) and q.scales.dtype == q.zeros.dtype == torch.float16
+    if tie:  # a tied matrix is stored once
+        from safetensors import safe_open
+
+        with safe_open(out / "model.safetensors", "pt") as f:
+            assert "lm_head.weight" not in f.keys()
+
+
+def test_transformers_from_pretrained(tmp_path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model = packed_llama(bits=4, group_size=-1)
+    save_quantized(model, tmp_path / "ck")
+    assert neuqi.hf.register()
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "ck", dtype=torch.float32)
+    assert isinstance(hf.model.layers[0].self_attn.q_proj, QuantLinear)
+    assert torch.equal(logits(hf), logits(model))
+    hf16 = AutoModelForCausalLM.from_pretrained(tmp_path / "ck", dtype=torch.bfloat16)
+    assert hf16.model.layers[0].self_attn.q_proj.scales.dtype == torch.float16  # not rounded to bf16
+
+
+def test_size_report(tmp_path) -> None:
+    model = packed_llama(bits=3, group_size=32)
+    out = save_quantized(model, tmp_path / "ck")
+    report = size_report(model, out)
+    assert report.bits_per_weight == pytest.approx(
+        3 + 32 / 32
+    )  # codes + fp16 scale + fp16 zero per 32 weights
+    assert report.quantized_weights == 2 * (4 * 64 * 64 // 2 + 2 * 64 * 32 + 3 * 64 * 128)
+    assert report.total_bytes < report.file_bytes < report.total_bytes + 20_000  # + header and json
+
+
+def test_atomic_write_and_refusal(tmp_path) -> None:
+    model = packed_llama()
+    out = tmp_path / "ck"
+    save_quantized(model, out)
+    with pytest.raises(CheckpointError, match="not empty"):
+        save_quantized(model, out)
+
+    class BrokenTokenizer:
+        def save_pretrained(self, path):
+            raise OSError("disk full")
+
+    before = (out / "model.safetensors").read_bytes()
+    with pytest.raises(OSError, match="disk full"):
+        save_quantized(packed_llama(bits=2), out, tokenizer=BrokenTokenizer(), overwrite=True)
+    assert (out / "model.safetensors").read_bytes() == before  # the old checkpoint is untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]  # no temporary directory left behind
+    save_quantized(packed_llama(bits=2), out, overwrite=True)
+    assert read_quantization_config(out)["bits"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+
+
+def test_bad_inputs_raise_checkpoint_error(tmp_path) -> None:
+    with pytest.raises(CheckpointError, match="no config.json"):
+        load(tmp_path)
+    model = packed_llama(bits=3, group_size=32)
+    model.config.save_pretrained(tmp_path / "plain")
+    with pytest.raises(CheckpointError, match="not a neuqi checkpoint"):
+        load(tmp_path / "plain")
+
+    out = save_quantized(model, tmp_path / "ck")
+    weights = (out / "model.safetensors").read_bytes()
+    config = json.loads((out / "config.json").read_text())
+
+    (out / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load(out)
+    (out / "model.safetensors").write_bytes(weights)
+
+    for key, value in (("bits", 4), ("group_size", 16)):
+        bad = json.loads(json.dumps(config))
+        bad["quantization_config"][key] = value
+        (out / "config.json").write_text(json.dumps(bad))
+        with pytest.raises(CheckpointError, match="disagree with quantization_config"):
+            load(out)
+    bad = json.loads(json.dumps(config))
+    bad["quantization_config"]["group_size"] = 48  # does not divide 64
+    (out / "config.json").write_text(json.dumps(bad))
+    with pytest.raises(CheckpointError, match="does not divide"):
+        load(out)
+    (out / "config.json").write_text(json.dumps(config))
+    assert torch.equal(logits(load(out)), logits(model))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_load_and_forward(tmp_path) -> None:
+    model = packed_llama(bits=4, group_size=32)
+    loaded = load(save_quantized(model, tmp_path / "ck"), device="cuda")
+    layer, ref = loaded.model.layers[0].mlp.gate_proj, model.model.layers[0].mlp.gate_proj
+    assert layer.qweight.is_cuda
+    assert torch.equal(layer.dequantized_weight().cpu(), ref.dequantized_weight())
+    with torch.no_grad():
+        got = loaded(TOKENS.cuda()).logits.cpu()
+    torch.testing.assert_close(got, logits(model), rtol=1e-4, atol=1e-4)
