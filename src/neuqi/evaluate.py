@@ -1,0 +1,420 @@
+"""Evaluation: GPTQ-convention perplexity (spec §5) and lm-eval zero-shot tasks on local data (spec §8).
+
+Perplexity: the test text is tokenized once and cut into non-overlapping windows of ``seqlen`` tokens (the tail is
+dropped); each window's mean NLL of its ``seqlen - 1`` next-token predictions is taken from fp32 logits, and
+PPL = exp(mean over windows). C4 is capped at 256 windows, as GPTQ's ``c4_new``.
+
+Two execution paths give the same numbers: ``full`` calls the model (when it is, or fits, on the device) and
+``layers`` runs one decoder layer at a time on the device with the activations of all windows kept on the CPU, so a
+model larger than the device still evaluates.
+
+Zero-shot accuracy runs through ``lm_eval``: each task is a generated YAML that ``include``s the installed official
+task config (so prompts, choices, targets, preprocessing and metrics are lm-eval's own) and only swaps the data
+source for the local copies in ``../shared/data`` (``dataset_path: json``). PIQA's labels live in a separate file and
+are merged into a JSON-lines copy in the neuqi cache directory. Our HellaSwag copy is a 1000-row sample.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .adapters import DecoderStack, capture_inputs, find_stack, fit_batch, layer_output
+from .data import load_text
+from .errors import ConfigError, DataError, ModelError
+
+log = logging.getLogger(__name__)
+
+PPL_TASKS = ("wikitext2", "c4")
+C4_MAX_WINDOWS = 256  # GPTQ c4_new: 256 * seqlen tokens
+_NORM_NAMES = ("norm", "final_layernorm", "ln_f", "final_norm", "norm_f")
+
+
+# ------------------------------------------------------------------------------------------------- placement
+def model_device(module: nn.Module) -> torch.device:
+    """Device of the first parameter (or buffer); CPU for an empty module."""
+    for t in module.parameters():
+        return t.device
+    for t in module.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def model_bytes(module: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+
+
+def default_device() -> torch.device:
+    """The current accelerator (CUDA, XPU, MPS, ...) if there is one, else the CPU."""
+    acc = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+    return acc if acc is not None else torch.device("cpu")
+
+
+def fits_on_device(model: nn.Module, device: str | torch.device, headroom: float = 0.8) -> bool:
+    """Whether the whole model fits in ``headroom`` of the device's free memory (always true for the CPU)."""
+    device = torch.device(device)
+    if device.type == "cpu" or model_device(model) == device:
+        return True
+    try:
+        free, _ = torch.accelerator.get_memory_info(device)
+    except (RuntimeError, ValueError, AssertionError) as exc:  # no memory query for this backend
+        log.debug("cannot query free memory on %s (%s); assuming the model fits", device, exc)
+        return True
+    return model_bytes(model) < headroom * free
+
+
+def _to(obj: Any, device: torch.device, memo: dict[int, Any] | None = None) -> Any:
+    """Move the tensors inside nested tuples/lists/dicts to ``device`` (shared tensors are moved once)."""
+    memo = {} if memo is None else memo
+    if isinstance(obj, torch.Tensor):
+        if id(obj) not in memo:
+            memo[id(obj)] = obj.to(device)
+        return memo[id(obj)]
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to(o, device, memo) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, device, memo) for k, v in obj.items()}
+    return obj
+
+
+# -------------------------------------------------------------------------------------------- model structure
+def decoder_stack(model: nn.Module) -> DecoderStack:
+    """``adapters.find_stack``, else the longest ModuleList of same-class blocks (packed checkpoints: their blocks
+    hold QuantLinears, which find_stack does not count as linears)."""
+    try:
+        return find_stack(model)
+    except ModelError:
+        lists = [(n, m) for n, m in model.named_modules()
+                 if isinstance(m, nn.ModuleList) and len(m) and len({type(b) for b in m}) == 1]
+        if not lists:
+            raise
+        name, layers = max(lists, key=lambda c: len(c[1]))
+        return DecoderStack(name=name, layers=layers)
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder blocks of ``model`` (see :func:`decoder_stack`)."""
+    return decoder_stack(model).layers
+
+
+def _final_norm(model: nn.Module, stack: DecoderStack) -> nn.Module:
+    parent_name = stack.name.rpartition(".")[0]
+    parent = model.get_submodule(parent_name) if parent_name else model
+    for name in _NORM_NAMES:
+        norm = getattr(parent, name, None)
+        if isinstance(norm, nn.Module):
+            return norm
+    raise ModelError(
+        f"cannot find the final norm of {type(parent).__name__} (looked for {', '.join(_NORM_NAMES)}); "
+        "evaluate with mode='full' instead"
+    )
+
+
+# ------------------------------------------------------------------------------------------------- perplexity
+def _nll_from_hidden(hidden: torch.Tensor, ids: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor],
+                     chunk: int = 1024) -> torch.Tensor:
+    """Per-window mean NLL (B,) fp32 of ``ids[:, 1:]`` given ``hidden`` (B, T, H), with at most (B, chunk, V)
+    logits alive at a time."""
+    bsz, seqlen = ids.shape
+    total = torch.zeros(bsz, dtype=torch.float32, device=hidden.device)
+    for s in range(0, seqlen - 1, chunk):
+        e = min(s + chunk, seqlen - 1)
+        logits = head(hidden[:, s:e]).float()  # (B, c, V) fp32
+        nll = F.cross_entropy(logits.flatten(0, 1), ids[:, s + 1 : e + 1].flatten(), reduction="none")
+        total += nll.view(bsz, -1).sum(1)
+    return total / (seqlen - 1)
+
+
+def _lm_head(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    head = model.get_output_embeddings()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if head is None:
+        raise ModelError(f"{type(model).__name__} has no output embeddings (lm_head)")
+    if not cap:
+        return head
+    return lambda h: torch.tanh(head(h) / cap) * cap
+
+
+def _nll_full(model: nn.Module, batches: Sequence[torch.Tensor], device: torch.device, bar) -> list[torch.Tensor]:
+    out = []
+    for ids in batches:
+        ids = ids.to(device)
+        logits = model(input_ids=ids, use_cache=False).logits  # (B, T, V)
+        out.append(_nll_from_hidden(logits, ids, lambda x: x).cpu())
+        bar.update(1)
+    return out
+
+
+def _nll_layers(model: nn.Module, batches: Sequence[torch.Tensor], device: torch.device, bar) -> list[torch.Tensor]:
+    stack = decoder_stack(model)
+    norm, head = _final_norm(model, stack), _lm_head(model)
+    offload = torch.device("cpu")
+    stem_device = model_device(model.get_input_embeddings())
+    hidden, calls = capture_inputs(model, stack, [ids.to(stem_device) for ids in batches])  # only the stem runs
+    hidden = [h.to(offload) for h in hidden]  # (B, T, H) per batch, all windows
+    memo: dict[int, Any] = {}
+    calls = [_to(call, device, memo) for call in calls]  # rotary embeddings, masks: moved once
+    for layer, call in zip(stack.layers, calls):
+        home = model_device(layer)
+        layer.to(device)
+        for j, h in enumerate(hidden):
+            args, kwargs = fit_batch(call, h.shape[0])
+            hidden[j] = layer_output(layer(h.to(device), *args, **kwargs)).to(offload)
+        layer.to(home)
+        bar.update(1)
+    tail = nn.ModuleList([norm, model.get_output_embeddings()])
+    home = model_device(tail)
+    tail.to(device)
+    try:
+        return [_nll_from_hidden(norm(h.to(device)), ids.to(device), head).cpu() for h, ids in zip(hidden, batches)]
+    finally:
+        tail.to(home)
+        bar.update(1)
+
+
+def corpus_ids(tokenizer, dataset: str) -> torch.Tensor:
+    """The whole evaluation text of ``dataset`` (``wikitext2``, ``c4`` or a path), tokenized once: LongTensor (n,)."""
+    text = load_text(dataset, "test")
+    return torch.as_tensor(tokenizer(text, verbose=False)["input_ids"], dtype=torch.long)
+
+
+@torch.no_grad()
+def perplexity(
+    model: nn.Module,
+    tokenizer,
+    dataset: str = "wikitext2",
+    seqlen: int = 2048,
+    max_windows: int | None = None,
+    device: str | torch.device | None = None,
+    batch_size: int = 1,
+    progress: bool = True,
+    mode: str = "auto",
+) -> dict[str, Any]:
+    """GPTQ-convention perplexity of ``model`` on ``dataset`` (see the module docstring).
+
+    ``device``: where to compute (default: where the model is). ``mode``: ``full`` (call the model; it is moved to
+    ``device`` for the call and back), ``layers`` (one decoder layer at a time on ``device``), or ``auto`` (``full``
+    when the model fits on the device). The model is left where it was.
+    Returns ``{dataset, ppl, nll, windows, seqlen, tokens, mode, device, seconds}``.
+    """
+    from tqdm.auto import tqdm
+
+    if seqlen < 2 or batch_size < 1 or (max_windows is not None and max_windows < 1):
+        raise ConfigError(f"need seqlen >= 2, batch_size >= 1, max_windows >= 1; got {seqlen}, {batch_size}, "
+                          f"{max_windows}")
+    if mode not in ("auto", "full", "layers"):
+        raise ConfigError(f"unknown perplexity mode {mode!r}; choose auto, full or layers")
+    start = time.perf_counter()
+    ids = corpus_ids(tokenizer, dataset)
+    n_windows = ids.numel() // seqlen
+    if n_windows == 0:
+        raise DataError(f"{dataset}: {ids.numel()} tokens, fewer than one window of {seqlen}")
+    cap = min(x for x in (n_windows, max_windows, C4_MAX_WINDOWS if dataset == "c4" else None) if x)
+    windows = ids[: cap * seqlen].view(cap, seqlen)  # (N, T)
+    batches = list(windows.split(batch_size))
+
+    home = model_device(model)
+    device = torch.device(device) if device is not None else home
+    if mode == "auto":
+        mode = "full" if fits_on_device(model, device) else "layers"
+    total = len(batches) if mode == "full" else len(decoder_layers(model)) + 1
+    was_training = model.training
+    model.eval()
+    with tqdm(total=total, desc=f"ppl {dataset} ({mode})", disable=not progress, leave=False) as bar:
+        if mode == "full":
+            model.to(device)
+            try:
+                nlls = _nll_full(model, batches, device, bar)
+            finally:
+                model.to(home)
+        else:
+            nlls = _nll_layers(model, batches, device, bar)
+    model.train(was_training)
+    nll = torch.cat(nlls).double().mean().item()
+    name = dataset if dataset in PPL_TASKS else Path(dataset).stem
+    return {"dataset": name, "ppl": math.exp(nll), "nll": nll, "windows": cap, "seqlen": seqlen,
+            "tokens": cap * seqlen, "mode": mode, "device": str(device),
+            "seconds": round(time.perf_counter() - start, 3)}
+
+
+# -------------------------------------------------------------------------------------------------- zero-shot
+ZERO_SHOT_TASKS = ("arc_easy", "arc_challenge", "hellaswag", "piqa", "winogrande")
+# Metric that enters the zero-shot average (the usual PTQ-paper convention; spec §8 leaves it open). Both acc and
+# acc_norm are always reported where lm-eval defines them (WinoGrande has only acc).
+AVERAGE_METRIC = {"arc_easy": "acc", "arc_challenge": "acc_norm", "hellaswag": "acc_norm", "piqa": "acc",
+                  "winogrande": "acc"}
+TASK_ALIASES = {"ppl": PPL_TASKS, "zeroshot": ZERO_SHOT_TASKS, "all": PPL_TASKS + ZERO_SHOT_TASKS}
+# task -> (official YAML under lm_eval/tasks, split it evaluates, local file under the data dir)
+_LOCAL_TASKS = {
+    "arc_easy": ("arc/arc_easy.yaml", "test", "arc/ARC-Easy-test.jsonl"),
+    "arc_challenge": ("arc/arc_challenge.yaml", "test", "arc/ARC-Challenge-test.jsonl"),
+    "hellaswag": ("hellaswag/hellaswag.yaml", "validation", "hellaswag/hellaswag_val_sample1000.jsonl"),
+    "piqa": ("piqa/piqa.yaml", "validation", "piqa/valid.jsonl"),
+    "winogrande": ("winogrande/default.yaml", "validation", "winogrande/dev.jsonl"),
+}
+ZERO_SHOT_NOTES = {"hellaswag": "HellaSwag is a 1000-row random sample of the 10,042-row validation set"}
+
+
+def _write_if_changed(path: Path, text: str) -> Path:
+    """Atomically write ``text`` unless the file already holds it (keeps mtimes, and so the datasets cache, stable)."""
+    if path.is_file() and path.read_text(encoding="utf-8") == text:
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{time.time_ns()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def _piqa_with_labels(data_dir: Path, out_dir: Path) -> Path:
+    """HF ``piqa`` rows ``{goal, sol1, sol2, label}``: valid.jsonl joined with valid-labels.lst."""
+    import json
+
+    rows = (data_dir / "piqa" / "valid.jsonl").read_text(encoding="utf-8").splitlines()
+    labels = (data_dir / "piqa" / "valid-labels.lst").read_text(encoding="utf-8").split()
+    if len(rows) != len(labels):
+        raise DataError(f"{data_dir / 'piqa'}: {len(rows)} rows but {len(labels)} labels")
+    lines = [json.dumps({**json.loads(r), "label": int(lab)}, ensure_ascii=False) for r, lab in zip(rows, labels)]
+    return _write_if_changed(out_dir / "piqa_validation.jsonl", "\n".join(lines) + "\n")
+
+
+def zero_shot_task_dir(tasks: Sequence[str], data_dir: Path | None = None) -> Path:
+    """Write lm-eval task YAMLs for ``tasks`` that read the local data; returns their directory (for include_path)."""
+    import lm_eval.tasks
+    import yaml
+
+    from .data import find_data_dir
+    from .models import cache_dir
+
+    data_dir = data_dir or find_data_dir()
+    if data_dir is None:
+        raise DataError("zero-shot tasks need the local data directory (../shared/data or $NEUQI_DATA_DIR)")
+    official = Path(lm_eval.tasks.__file__).parent
+    out = cache_dir() / "eval" / "lm_eval_tasks"
+    for task in tasks:
+        yaml_rel, split, data_rel = _LOCAL_TASKS[task]
+        data = _piqa_with_labels(data_dir, out.parent) if task == "piqa" else data_dir / data_rel
+        if not data.is_file():
+            raise DataError(f"{task}: local data file not found: {data}")
+        config = {
+            "include": str(official / yaml_rel), "task": task, "dataset_path": "json", "dataset_name": None,
+            "dataset_kwargs": {"data_files": {split: str(data)}}, "training_split": None,
+            "validation_split": split if split == "validation" else None,
+            "test_split": split if split == "test" else None,
+        }
+        _write_if_changed(out / f"{task}.yaml", yaml.safe_dump(config, sort_keys=False))
+    return out
+
+
+def zero_shot(
+    model: nn.Module,
+    tokenizer,
+    tasks: Sequence[str] = ZERO_SHOT_TASKS,
+    limit: int | None = None,
+    batch_size: int = 8,
+    device: str | torch.device | None = None,
+) -> dict[str, Any]:
+    """Zero-shot accuracy with lm-eval's own task definitions on the local data (model moved to ``device`` if given).
+
+    Returns ``{task: {acc, acc_stderr, acc_norm, acc_norm_stderr, n, n_total}, "average": {value, metric, tasks},
+    "notes": [...], "seconds": s}``; accuracies are fractions in [0, 1]."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    unknown = [t for t in tasks if t not in _LOCAL_TASKS]
+    if unknown:
+        raise ConfigError(f"unknown zero-shot task(s) {unknown}; choose from {list(ZERO_SHOT_TASKS)}")
+    start = time.perf_counter()
+    manager = TaskManager(include_path=str(zero_shot_task_dir(tasks)), include_defaults=False)
+    home = model_device(model)
+    if device is not None:
+        model.to(device)
+    try:
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        out = simple_evaluate(model=lm, tasks=list(tasks), limit=limit, task_manager=manager, log_samples=False,
+                              bootstrap_iters=1000)
+    finally:
+        model.to(home)
+    result: dict[str, Any] = {}
+    for task in tasks:
+        raw, counts = out["results"][task], out.get("n-samples", {}).get(task, {})
+        entry = {m: raw[f"{m},none"] for m in ("acc", "acc_norm") if f"{m},none" in raw}
+        entry |= {f"{m}_stderr": raw[f"{m}_stderr,none"] for m in entry if f"{m}_stderr,none" in raw}
+        result[task] = entry | {"n": counts.get("effective"), "n_total": counts.get("original")}
+    used = {t: AVERAGE_METRIC[t] for t in tasks}
+    result["average"] = {"value": sum(result[t][m] for t, m in used.items()) / len(used), "metric": used,
+                         "tasks": list(tasks)}
+    result["notes"] = [ZERO_SHOT_NOTES[t] for t in tasks if t in ZERO_SHOT_NOTES]
+    result["seconds"] = round(time.perf_counter() - start, 3)
+    return result
+
+
+# ------------------------------------------------------------------------------------------------- dispatcher
+def parse_tasks(spec: str | Sequence[str]) -> list[str]:
+    """``"wikitext2,arc_easy"`` or a list → task names, aliases (ppl, zeroshot, all) expanded, duplicates dropped.
+
+    Besides the named tasks, an existing file or directory is a perplexity data set. Raises ConfigError otherwise."""
+    items = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s and s.strip()]
+    tasks: list[str] = []
+    for item in items:
+        expanded = TASK_ALIASES.get(item, (item,))
+        for task in expanded:
+            if task not in PPL_TASKS + ZERO_SHOT_TASKS and not Path(task).exists():
+                raise ConfigError(f"unknown task {task!r}; choose from {', '.join(PPL_TASKS + ZERO_SHOT_TASKS)}, "
+                                  f"an alias ({', '.join(TASK_ALIASES)}), or a path to a text/JSON-lines file")
+            if task not in tasks:
+                tasks.append(task)
+    if not tasks:
+        raise ConfigError("no tasks given")
+    return tasks
+
+
+def evaluate_tasks(
+    model: nn.Module,
+    tokenizer,
+    tasks: str | Sequence[str],
+    seqlen: int = 2048,
+    max_windows: int | None = None,
+    limit: int | None = None,
+    device: str | torch.device | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run perplexity and zero-shot tasks; returns ``{"metrics": {flat name: value}, "details": {task: ...},
+    "notes": [...]}`` with metric names ``<dataset>_ppl``, ``<task>_acc``, ``<task>_acc_norm``, ``zero_shot_avg``
+    (the schema read by :mod:`neuqi.report`). ``batch_size`` is for zero-shot; perplexity uses one window a step."""
+    tasks = parse_tasks(tasks)
+    metrics: dict[str, float] = {}
+    details: dict[str, Any] = {}
+    notes: list[str] = []
+    for task in (t for t in tasks if t not in ZERO_SHOT_TASKS):
+        res = perplexity(model, tokenizer, task, seqlen=seqlen, max_windows=max_windows, device=device,
+                         progress=progress)
+        metrics[f"{res['dataset']}_ppl"] = res["ppl"]
+        details[res["dataset"]] = res
+    zs_tasks = [t for t in tasks if t in ZERO_SHOT_TASKS]
+    if zs_tasks:
+        if device is not None and not fits_on_device(model, device):
+            log.warning("the model does not fit on %s: zero-shot tasks run where it is (%s)", device,
+                        model_device(model))
+            device = None
+        zs = zero_shot(model, tokenizer, zs_tasks, limit=limit, batch_size=batch_size, device=device)
+        for task in zs_tasks:
+            metrics |= {f"{task}_{m}": zs[task][m] for m in ("acc", "acc_norm") if m in zs[task]}
+            details[task] = zs[task]
+        metrics["zero_shot_avg"] = zs["average"]["value"]
+        details["zero_shot_avg"] = zs["average"]
+        details["zero_shot_seconds"] = zs["seconds"]
+        notes += zs["notes"]
+        if limit is not None:
+            notes.append(f"zero-shot tasks limited to the first {limit} examples each")
+    return {"metrics": metrics, "details": details, "notes": notes}
