@@ -6,18 +6,27 @@ Public API::
     w_hat = neuqi.fake_quantize(weight, scale, zero_point, bits=3, group_size=64)
     model = neuqi.load("out/ckpt")            # packed checkpoint → ready model (QuantLinear layers)
     tokenizer = neuqi.load_tokenizer("out/ckpt")
+    summary = neuqi.quantize_model(model, tokens, neuqi.QuantConfig(bits=3, group_size=64))  # in place
+    history = neuqi.distill(model, teacher, tokens, neuqi.DistillConfig(loss="mse"))  # trains s, Z in place
 """
 
 from __future__ import annotations
 
+# eager, not lazy: the function `distill` shares its name with the submodule, which would otherwise shadow it
+from .distill import DistillConfig, distill
 from .grid import QParams, dequantize, fake_quantize, quantize
 from .hf import register_on_import as _register_on_import
+from .init import available_init_methods, init_params
+from .pipeline import QuantConfig, quantize_model
 
 __version__ = "0.1.0"
 
 _CHECKPOINT_API = ("load", "load_tokenizer", "save_quantized", "size_report")
 
 __all__ = ["QParams", "dequantize", "fake_quantize", "quantize", "__version__", *_CHECKPOINT_API]
+__all__ += ["DistillConfig", "distill"]
+__all__ += ["QuantConfig", "quantize_model"]
+__all__ += ["available_init_methods", "init_params"]
 
 # Let transformers.AutoModelForCausalLM.from_pretrained load neuqi checkpoints (logs and skips on API drift).
 _register_on_import()

@@ -1,0 +1,337 @@
+"""Rounding solvers for one linear layer (spec §4.4): RTN, GPTQ and LDLQ on the grid of ``neuqi.grid``.
+
+All take the weight W (out, in) fp32, the layer-input Hessian H = XᵀX/N (in, in) fp64 or fp32, and the
+per-group parameters ``scale``, ``zero_point`` (out, n_groups), already rounded to storage
+(``grid.to_storage``). Each column is quantized as q = clamp(round(w/s + Z), 0, M), ŵ = s·(q − Z) with the
+(s, Z) of its own group.
+
+* **Hessian preparation** (both GPTQ and LDLQ): dead inputs (H_ii = 0, the input is always zero) get H_ii = 1
+  and W[:, i] = 0, as GPTQ does: no feedback flows into or out of them and they quantize as a zero weight.
+  Then λ = damp·mean(diag H) is added to the diagonal; if the Cholesky factorisation fails, λ is added again,
+  up to 10 more times, then NumericalError names the layer.
+* **Act-order** (default): columns are processed in the order perm = argsort(diag H, descending); column i of
+  that order uses the parameters of group perm[i] // g (groups stay contiguous in the ORIGINAL order).
+* **GPTQ**: upper Cholesky factor U of H⁻¹ and in-place error feedback, lazily in blocks (IST reference):
+  e_i = (w_i − ŵ_i)/U_ii; W[:, j] −= e_i·U_ij for j > i.
+* **LDLQ** (QuIP): H = (Ů + I)·D·(Ů + I)ᵀ with Ů strictly upper, from the Cholesky factor of the
+  index-reversed H; Ŵ_i = Q(W_i + Σ_{j<i} Ů_ji (W_j − Ŵ_j)) with W the ORIGINAL weight. No inverse is formed.
+  GPTQ and LDLQ give the same Ŵ up to rounding ties and floating-point error.
+* **Parameter fitting** (``fit``): with ``fit`` instead of fixed parameters ("dynamic" groups), a group's
+  (s, Z) are fitted when the solver reaches the first of its columns in processing order, on the group's
+  columns as GPTQ's error feedback has updated them so far: the optimal remaining weights given the columns
+  already quantized (W̃_R = W_R + Δ_F·H_FR·H_RR⁻¹). GPTQ and LDLQ then agree in this mode too.
+* ``loss`` = tr((Ŵ − W)·H·(Ŵ − W)ᵀ) with the undamped H and the original W: the mean squared output error per
+  token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from . import grid
+from .errors import ConfigError, NumericalError
+
+# fit(weight (out, k·g) current values of k whole groups in original column order, group ids (k,))
+#   -> (scale, zero_point), each (out, k), already rounded to storage
+FitFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+MAX_DAMPING_RETRIES = 10
+
+
+@dataclass
+class SolverResult:
+    """Output of a solver: ``weight`` Ŵ (out, in) fp32 on the grid, ``codes`` (out, in) uint8, the parameters
+    used (out, n_groups) fp32, ``loss`` = tr((Ŵ−W)H(Ŵ−W)ᵀ), and ``damping`` = λ / mean(diag H) actually
+    added."""
+
+    weight: torch.Tensor
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+    loss: float
+    damping: float
+
+
+def proxy_loss(w_hat: torch.Tensor, weight: torch.Tensor, hessian: torch.Tensor) -> float:
+    """tr(ΔHΔᵀ) with Δ = Ŵ − W (out, in), in fp32."""
+    delta = (w_hat - weight).float()
+    return float(((delta @ hessian.to(delta)) * delta).sum())
+
+
+def damping_lambda(hessian: torch.Tensor, damp: float) -> float:
+    """λ = damp·mean(diag H), with dead inputs (H_ii = 0) counted as H_ii = 1 (as the solvers treat them)."""
+    d = torch.diagonal(hessian).double()
+    return float(damp * torch.where(d == 0, torch.ones_like(d), d).mean())
+
+
+def damped_diagonal(hessian: torch.Tensor, damp: float) -> torch.Tensor:
+    """diag(H) + λ (in,) fp64 with dead inputs counted as 1: the diagonal of the H the solvers factorize,
+    which the initializers weight their error with (spec §3)."""
+    d = torch.diagonal(hessian).double()
+    d = torch.where(d == 0, torch.ones_like(d), d)
+    return d + damp * d.mean()
+
+
+def _prepare(
+    weight: torch.Tensor, hessian: torch.Tensor, damp: float, act_order: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """(Wᵀ (in, out) with rows in processing order, H fp64 permuted with dead inputs fixed, perm, λ).
+
+    The solvers work on Wᵀ so that each column of W is a contiguous row: the per-column vector ops and the
+    rank-1 updates (BLAS) stay fast when the CPU is shared, where strided elementwise kernels are not."""
+    w = weight.float().clone()
+    h = hessian.to(device=w.device, dtype=torch.float64).clone()
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    lam = damping_lambda(h, damp)
+    n = w.shape[1]
+    perm = torch.argsort(torch.diagonal(h), descending=True, stable=True) if act_order else torch.arange(n)
+    perm = perm.to(w.device)
+    return w.T[perm].contiguous(), h[perm][:, perm], perm, lam
+
+
+def _factorize(
+    h: torch.Tensor, lam: float, factor: Callable[[torch.Tensor], torch.Tensor | None], name: str
+) -> tuple[torch.Tensor, int]:
+    """factor(H + k·λ·I) for the first k = 1..11 where it succeeds; returns (factor, k)."""
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    for k in range(1, MAX_DAMPING_RETRIES + 2):
+        out = factor(h + (k * lam) * eye)
+        if out is not None:
+            return out, k
+    raise NumericalError(
+        f"{name or 'layer'}: the Hessian is not positive definite even after adding "
+        f"{MAX_DAMPING_RETRIES + 1} × λ = {lam:.3g} to its diagonal; raise the damping or check the "
+        "calibration data for NaN/Inf"
+    )
+
+
+def _cholesky(a: torch.Tensor) -> torch.Tensor | None:
+    if not torch.isfinite(a).all():
+        return None
+    lower, info = torch.linalg.cholesky_ex(a)
+    return lower if int(info) == 0 else None
+
+
+def _gptq_factor(a: torch.Tensor) -> torch.Tensor | None:
+    """Upper Cholesky factor U of A⁻¹ (A⁻¹ = UᵀU)."""
+    lower = _cholesky(a)
+    if lower is None:
+        return None
+    upper = _cholesky(torch.cholesky_inverse(lower))
+    return None if upper is None else upper.mT
+
+
+def _ldlq_factor(a: torch.Tensor) -> torch.Tensor | None:
+    """Strictly upper Ů with A = (Ů + I)·D·(Ů + I)ᵀ, from the Cholesky factor of the index-reversed A."""
+    lower = _cholesky(a.flip(0, 1))
+    if lower is None:
+        return None
+    upper = lower.flip(0, 1)  # A = upper·upperᵀ
+    unit = upper / torch.diagonal(upper).unsqueeze(0)  # divide each column by its diagonal
+    return unit - torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
+
+
+class _Columns:
+    """Per-column (s, Z) in processing order, filled upfront (static) or group by group (dynamic fit)."""
+
+    def __init__(self, wt: torch.Tensor, perm: torch.Tensor, group_size: int, bits: int) -> None:
+        n, out = wt.shape
+        device = wt.device
+        self.g = grid.resolve_group_size(n, group_size)
+        self.m = grid.max_code(bits)
+        self.group_of = perm // self.g  # (in,) group of each processed column
+        n_groups = n // self.g
+        self.scale = torch.ones(out, n_groups, dtype=torch.float32, device=device)
+        self.zero = torch.zeros_like(self.scale)
+        self.s_cols = torch.empty(n, out, dtype=torch.float32, device=device)  # (in, out): row i for column i
+        self.z_cols = torch.empty_like(self.s_cols)
+        self.codes = torch.empty(n, out, dtype=torch.uint8, device=device)
+        first = torch.full((n_groups,), n, dtype=torch.long, device=device)
+        first_pos = first.scatter_reduce(0, self.group_of, torch.arange(n, device=device), "amin")
+        self.starts = {p: grp for grp, p in enumerate(first_pos.tolist())}  # position → group starting there
+        self.inv = torch.argsort(perm)
+
+    def set(self, groups: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> None:
+        self.scale[:, groups], self.zero[:, groups] = scale.float(), zero.float()
+        mask = torch.isin(self.group_of, groups)
+        self.s_cols[mask] = self.scale[:, self.group_of[mask]].T
+        self.z_cols[mask] = self.zero[:, self.group_of[mask]].T
+
+    def positions(self, groups: torch.Tensor) -> torch.Tensor:
+        """Processing positions of the columns of ``groups``, in original column order (k·g,)."""
+        cols = (groups.unsqueeze(1) * self.g + torch.arange(self.g, device=groups.device)).flatten()
+        return self.inv[cols]
+
+    def quantize(self, col: torch.Tensor, i: int) -> torch.Tensor:
+        """ŵ of processed column i (out,), recording its codes."""
+        s, z = self.s_cols[i], self.z_cols[i]
+        q = torch.round(col / s + z).clamp_(0, self.m)
+        self.codes[i] = q.to(torch.uint8)
+        return s * (q - z)
+
+
+def _finish(
+    weight: torch.Tensor, hessian: torch.Tensor, cols: _Columns, group_size: int, damping: float
+) -> SolverResult:
+    codes = cols.codes[cols.inv].T.contiguous()  # (out, in) in the original column order
+    w_hat = grid.dequantize(codes, cols.scale, cols.zero, group_size)
+    return SolverResult(w_hat, codes, cols.scale, cols.zero, proxy_loss(w_hat, weight, hessian), damping)
+
+
+def _init_columns(
+    wt: torch.Tensor, perm: torch.Tensor, scale, zero_point, bits: int, group_size: int, fit: FitFn | None
+) -> _Columns:
+    cols = _Columns(wt, perm, group_size, bits)
+    if fit is None:
+        if scale is None or zero_point is None:
+            raise ConfigError("a solver needs either (scale, zero_point) or a fit callback")
+        expected = (wt.shape[1], wt.shape[0] // cols.g)
+        if tuple(scale.shape) != expected or tuple(zero_point.shape) != expected:
+            raise ConfigError(f"scale/zero_point must be {expected}, got {tuple(scale.shape)}")
+        cols.set(torch.arange(expected[1], device=wt.device), scale.to(wt.device), zero_point.to(wt.device))
+    return cols
+
+
+def _fit_group(cols: _Columns, fit: FitFn | None, t: int, current: Callable) -> None:
+    """If a group starts at processing position t, fit it on ``current(positions)``: its rows of Wᵀ now."""
+    if fit is None or t not in cols.starts:
+        return
+    group = torch.tensor([cols.starts[t]], device=cols.scale.device)
+    s, z = fit(current(cols.positions(group)).T, group)
+    cols.set(group, s, z)
+
+
+SOLVERS: dict[str, Callable[..., SolverResult]] = {}
+
+
+def register(name: str) -> Callable:
+    def deco(fn: Callable[..., SolverResult]) -> Callable[..., SolverResult]:
+        SOLVERS[name] = fn
+        return fn
+
+    return deco
+
+
+def get_solver(name: str) -> Callable[..., SolverResult]:
+    if name not in SOLVERS:
+        raise ConfigError(f"unknown method {name!r}; choose one of {sorted(SOLVERS)}")
+    return SOLVERS[name]
+
+
+@register("rtn")
+def rtn(
+    weight: torch.Tensor,
+    hessian: torch.Tensor | None,
+    scale: torch.Tensor | None,
+    zero_point: torch.Tensor | None,
+    bits: int,
+    group_size: int = -1,
+    *,
+    fit: FitFn | None = None,
+    **_: object,
+) -> SolverResult:
+    """Round to nearest: Ŵ = grid.fake_quantize(W); a ``fit`` sees the original W. NaN loss without H."""
+    w = weight.float()
+    if fit is not None:
+        g = grid.resolve_group_size(w.shape[1], group_size)
+        scale, zero_point = fit(w, torch.arange(w.shape[1] // g, device=w.device))
+    codes = grid.quantize(w, scale, zero_point, bits, group_size)
+    w_hat = grid.dequantize(codes, scale, zero_point, group_size)
+    loss = float("nan") if hessian is None else proxy_loss(w_hat, w, hessian)
+    return SolverResult(w_hat, codes, scale.float(), zero_point.float(), loss, 0.0)
+
+
+@register("gptq")
+def gptq(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    scale: torch.Tensor | None,
+    zero_point: torch.Tensor | None,
+    bits: int,
+    group_size: int = -1,
+    *,
+    act_order: bool = True,
+    damp: float = 0.01,
+    block_size: int = 128,
+    fit: FitFn | None = None,
+    name: str = "",
+) -> SolverResult:
+    """GPTQ with the inverse-Cholesky form and lazy block updates (see module docstring)."""
+    w, h, perm, lam = _prepare(weight, hessian, damp, act_order)  # w: (in, out) rows in processing order
+    u, k = _factorize(h, lam, _gptq_factor, name)
+    u = u.to(w.dtype)
+    cols = _init_columns(w, perm, scale, zero_point, bits, group_size, fit)
+    n = w.shape[0]
+    for i1 in range(0, n, block_size):
+        i2 = min(i1 + block_size, n)
+        w1 = w[i1:i2].clone()  # (B, out) updated in place
+        err1 = torch.zeros_like(w1)
+        u1 = u[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+
+            def current(pos: torch.Tensor, i1=i1, i2=i2, i=i, w1=w1, err1=err1) -> torch.Tensor:
+                rows, inside = w[pos], pos < i2  # later blocks still miss this block's feedback so far
+                rows[~inside] -= u[i1 : i1 + i, pos[~inside]].T @ err1[:i]
+                rows[inside] = w1[pos[inside] - i1]
+                return rows
+
+            _fit_group(cols, fit, i1 + i, current)
+            q = cols.quantize(w1[i], i1 + i)
+            e = (w1[i] - q) / u1[i, i]
+            w1[i:].addmm_(u1[i, i:].unsqueeze(1), e.unsqueeze(0), alpha=-1)
+            err1[i] = e
+        w[i2:].addmm_(u[i1:i2, i2:].T, err1, alpha=-1)
+    return _finish(weight.float(), hessian, cols, group_size, k * damp)
+
+
+@register("ldlq")
+def ldlq(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    scale: torch.Tensor | None,
+    zero_point: torch.Tensor | None,
+    bits: int,
+    group_size: int = -1,
+    *,
+    act_order: bool = True,
+    damp: float = 0.01,
+    block_size: int = 128,
+    fit: FitFn | None = None,
+    name: str = "",
+) -> SolverResult:
+    """LDLQ: Ŵ_i = Q(W_i + Σ_{j<i} Ů_ji (W_j − Ŵ_j)); earlier blocks enter by one matmul, the block by a
+    loop. With ``fit``, the groups are fitted on the same values as in GPTQ (the remaining weights after the
+    optimal update for the columns done so far); LDLQ's partial sums are not those values, so this mode also
+    factors H⁻¹ and tracks GPTQ's scaled errors e_j = (fed_j − Ŵ_j)/U_jj."""
+    w, h, perm, lam = _prepare(weight, hessian, damp, act_order)  # w: (in, out) rows in processing order
+    a, k = _factorize(h, lam, _ldlq_factor, name)
+    a = a.to(w.dtype)  # (in, in) strictly upper
+    if fit is not None:
+        u = _gptq_factor(h + (k * lam) * torch.eye(h.shape[0], dtype=h.dtype, device=h.device))
+        if u is None:
+            raise NumericalError(f"{name or 'layer'}: H⁻¹ has no Cholesky factor at damping {k * damp:.3g}")
+        u = u.to(w.dtype)
+        err = torch.zeros_like(w)  # rows: e_j
+    cols = _init_columns(w, perm, scale, zero_point, bits, group_size, fit)
+    n = w.shape[0]
+    delta = torch.zeros_like(w)  # rows: W − Ŵ of processed columns
+    for i1 in range(0, n, block_size):
+        i2 = min(i1 + block_size, n)
+        w1 = w[i1:i2] + a[:i1, i1:i2].T @ delta[:i1]  # (B, out) W + feedback of earlier blocks
+        a1 = a[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            t = i1 + i
+            if fit is not None:
+                _fit_group(cols, fit, t, lambda pos, t=t: w[pos] - u[:t, pos].T @ err[:t])
+            q = cols.quantize(w1[i], t)
+            if fit is not None:
+                torch.div(w1[i] - q, u[t, t], out=err[t])
+            d = delta[t]
+            torch.sub(w[t], q, out=d)
+            w1[i + 1 :].addmm_(a1[i, i + 1 :].unsqueeze(1), d.unsqueeze(0))
+    return _finish(weight.float(), hessian, cols, group_size, k * damp)

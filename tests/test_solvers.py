@@ -1,0 +1,136 @@
+"""RTN / GPTQ / LDLQ on small random problems: agreement, grid membership, damping and dead inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from neuqi import grid, solvers
+from neuqi.errors import ConfigError, NumericalError
+
+BITS = 3
+
+
+def problem(out: int = 24, n: int = 96, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """W (out, n) and a correlated, unevenly scaled H = XᵀX/N (n, n) fp64."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1024, n, generator=g) @ torch.randn(n, n, generator=g) * 0.2
+    x = x * torch.rand(n, generator=g) * 3 + torch.randn(n, generator=g)
+    return torch.randn(out, n, generator=g), (x.double().T @ x.double()) / x.shape[0]
+
+
+def minmax(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    wg = grid.to_groups(w, group_size)
+    lo, hi = wg.amin(-1), wg.amax(-1)
+    s = (hi - lo) / grid.max_code(BITS)
+    return grid.to_storage(s, -torch.round(lo / s))
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("group_size", [-1, 16, 32])
+@pytest.mark.parametrize("block_size", [128, 20])
+def test_gptq_equals_ldlq(act_order, group_size, block_size):
+    w, h = problem()
+    s, z = minmax(w, group_size)
+    kw = dict(act_order=act_order, block_size=block_size)
+    a = solvers.gptq(w, h, s, z, BITS, group_size, **kw)
+    b = solvers.ldlq(w, h, s, z, BITS, group_size, **kw)
+    assert (a.codes != b.codes).float().mean() < 1e-3
+    assert b.loss == pytest.approx(a.loss, rel=1e-4)
+    r = solvers.rtn(w, h, s, z, BITS, group_size)
+    assert b.loss < r.loss
+    for res in (a, b):  # Ŵ is exactly on the grid of the stored parameters
+        assert torch.equal(res.weight, grid.dequantize(res.codes, s, z, group_size))
+        assert res.damping == pytest.approx(0.01)
+
+
+def test_rtn_is_fake_quantize():
+    w, h = problem()
+    s, z = minmax(w, 32)
+    res = solvers.rtn(w, h, s, z, BITS, 32)
+    assert torch.equal(res.weight, grid.fake_quantize(w, s, z, BITS, 32))
+    assert torch.equal(res.codes, grid.quantize(w, s, z, BITS, 32))
+    assert res.loss == pytest.approx(solvers.proxy_loss(res.weight, w, h))
+    assert solvers.rtn(w, None, s, z, BITS, 32).loss != solvers.rtn(w, None, s, z, BITS, 32).loss  # nan
+
+
+def test_act_order_helps_and_uses_the_right_groups():
+    w, h = problem(seed=1)
+    s, z = minmax(w, 16)
+    plain = solvers.ldlq(w, h, s, z, BITS, 16, act_order=False)
+    ordered = solvers.ldlq(w, h, s, z, BITS, 16, act_order=True)
+    assert ordered.loss < plain.loss * 1.05
+    # every column was quantized on its own group's grid: requantizing Ŵ is the identity
+    assert torch.equal(grid.fake_quantize(ordered.weight, s, z, BITS, 16), ordered.weight)
+
+
+def test_hopeless_hessian_names_the_layer():
+    w = torch.randn(4, 2)
+    h = torch.tensor([[1.0, 10.0], [10.0, 1.0]], dtype=torch.float64)  # eigenvalue −9, λ = 0.01
+    s, z = minmax(w, -1)
+    for solve in (solvers.gptq, solvers.ldlq):
+        with pytest.raises(NumericalError, match="layers.3.mlp.up_proj"):
+            solve(w, h, s, z, BITS, -1, name="layers.3.mlp.up_proj")
+    with pytest.raises(NumericalError):
+        solvers.ldlq(w, torch.full((2, 2), float("nan")), s, z, BITS, -1)
+
+
+def test_damping_is_retried():
+    w = torch.randn(4, 2)
+    h = torch.tensor([[1.0, 1.015], [1.015, 1.0]], dtype=torch.float64)  # needs λ ≥ 0.015: 2 × 0.01
+    s, z = minmax(w, -1)
+    a = solvers.gptq(w, h, s, z, BITS, -1)
+    b = solvers.ldlq(w, h, s, z, BITS, -1)
+    assert a.damping == pytest.approx(0.02) and b.damping == pytest.approx(0.02)
+
+
+def test_dead_inputs_quantize_as_zero_weights():
+    w, h = problem(n=32)
+    dead = torch.tensor([3, 17])
+    h[dead, :] = 0
+    h[:, dead] = 0
+    s, z = minmax(w, 16)
+    for solve in (solvers.gptq, solvers.ldlq):
+        res = solve(w, h, s, z, BITS, 16)
+        assert torch.isfinite(res.weight).all() and res.loss == res.loss
+        zeros = grid.fake_quantize(torch.zeros_like(w), s, z, BITS, 16)
+        assert torch.equal(res.weight[:, dead], zeros[:, dead])
+        # same as solving the problem whose dead columns are already zero
+        w0 = w.clone()
+        w0[:, dead] = 0
+        assert torch.equal(solve(w0, h, s, z, BITS, 16).codes, res.codes)
+
+
+def test_dynamic_fit_fits_each_group_once():
+    w, h = problem(n=64)
+    calls: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def fit(cols: torch.Tensor, groups: torch.Tensor):
+        calls.append((cols.clone(), groups.clone()))
+        return minmax(cols, 16)
+
+    for solve in (solvers.gptq, solvers.ldlq):
+        calls.clear()
+        res = solve(w, h, None, None, BITS, 16, act_order=False, block_size=16, fit=fit)
+        assert sorted(torch.cat([g for _, g in calls]).tolist()) == [0, 1, 2, 3]
+        assert torch.equal(calls[0][0], w[:, :16])  # first group: nothing processed yet
+        assert not torch.equal(calls[1][0], w[:, 16:32])  # later groups see the error feedback
+        assert torch.equal(res.weight, grid.dequantize(res.codes, res.scale, res.zero_point, 16))
+    # with a fit that ignores the values, dynamic equals static
+    s, z = minmax(w, 16)
+    static = solvers.ldlq(w, h, s, z, BITS, 16)
+    dyn = solvers.ldlq(w, h, None, None, BITS, 16, fit=lambda c, g: (s[:, g], z[:, g]))
+    assert torch.equal(static.codes, dyn.codes)
+    a = solvers.gptq(w, h, None, None, BITS, 16, block_size=16, fit=fit)
+    b = solvers.ldlq(w, h, None, None, BITS, 16, block_size=16, fit=fit)
+    assert b.loss == pytest.approx(a.loss, rel=1e-4)
+
+
+def test_bad_arguments():
+    w, h = problem()
+    with pytest.raises(ConfigError, match="unknown method"):
+        solvers.get_solver("awq")
+    with pytest.raises(ConfigError):
+        solvers.ldlq(w, h, None, None, BITS, 16)
+    with pytest.raises(ConfigError, match="must be"):
+        solvers.ldlq(w, h, torch.ones(3, 3), torch.zeros(3, 3), BITS, 16)
