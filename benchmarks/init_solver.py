@@ -42,7 +42,7 @@ SMOLLM2_LINEARS = {"576x576": "self_attn.q_proj", "1536x576": "mlp.gate_proj", "
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated OUTxIN shapes")
+    p.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated OUTxIN shapes ('' for none)")
     p.add_argument("--bits", default="2,3,4", help="comma-separated bit widths")
     p.add_argument("--group-sizes", default="-1,64,128", help="comma-separated group sizes (-1 = channel-wise)")
     p.add_argument("--sources", default="random,smollm2", help="random and/or smollm2 (576/1536 shapes only)")
@@ -229,10 +229,12 @@ HEADER = (
 
 def whole_model(args) -> dict:
     linears = smollm2_linears(None, args.calib)
-    seconds, elements, losses = 0.0, 0, {"minmax": 0.0, "neuqi": 0.0}
+    seconds, cpu_seconds, elements, losses = 0.0, 0.0, 0, {"minmax": 0.0, "neuqi": 0.0}
     for weight, h in linears.values():
+        cpu = time.process_time()
         params, t = timed(init_params, weight, args.model_bits, 64, "neuqi", h)
         seconds += t
+        cpu_seconds += time.process_time() - cpu
         losses["neuqi"] += weighted_loss(weight, *params, args.model_bits, 64, h).sum().item()
         mm = init_params(weight, args.model_bits, 64, "minmax")
         losses["minmax"] += weighted_loss(weight, *mm, args.model_bits, 64, h).sum().item()
@@ -243,6 +245,7 @@ def whole_model(args) -> dict:
         "bits": args.model_bits,
         "group_size": 64,
         "seconds_neuqi": seconds,
+        "cpu_seconds_neuqi": cpu_seconds,
         "loss_ratio_neuqi_vs_minmax": losses["neuqi"] / losses["minmax"],
     }
 
@@ -268,7 +271,7 @@ def main() -> None:
         except Exception as exc:  # noqa: BLE001 - the model is optional here
             print(f"SmolLM2 unavailable ({exc.__class__.__name__}: {exc}); random weights only")
     print(HEADER)
-    for shape in args.shapes.split(","):
+    for shape in filter(None, args.shapes.split(",")):
         out_features, in_features = map(int, shape.split("x"))
         sources = [("random", random_weight(out_features, in_features), None)]
         name = SMOLLM2_LINEARS.get(shape)

@@ -220,6 +220,19 @@ def test_bf16_student_with_norm_training(pair, bf16_student) -> None:
     assert all(layer.zeros.dtype == torch.float16 for _, layer in quantized_linears(student))
 
 
+def test_small_steps_accumulate_in_the_fp32_masters(pair, bf16_student) -> None:
+    """Spec §6: steps of 1e-4 on bf16 zero-points (|Z| ≥ 0.125) round away; the fp32 masters keep them."""
+    student = copy.deepcopy(bf16_student)
+    before = torch.cat([v.flatten() for v in state(student, "zeros").values()])
+    as_bf16 = before.to(torch.bfloat16)
+    lost = ((as_bf16 + 1e-4).to(torch.bfloat16) == as_bf16).float().mean()
+    assert lost > 0.9  # what the reference's bf16 parameters would do with every such step
+    config = cfg(lr=1e-4, epochs=10, warmup_ratio=0.0, train_scales=False, compute_dtype="bfloat16")
+    distill(student, pair[0], tokens(n=1), config, progress=False)
+    after = torch.cat([v.flatten() for v in state(student, "zeros").values()])
+    assert (after != before).float().mean() > 0.5  # ~5.5e-4 of accumulated steps survive in fp16 storage
+
+
 def test_distilled_model_saves_and_reloads_identically(pair, tmp_path) -> None:
     teacher, packed = pair
     student = copy.deepcopy(packed)

@@ -182,9 +182,14 @@ def plot_history(history: dict[str, Any], path: Path) -> bool:
         log.warning("matplotlib is not installed; no %s (pip install 'neuqi[eval]')", path.name)
         return False
     fig, ax = plt.subplots(figsize=(7, 4))
-    steps = range(1, len(history["loss"]) + 1)
-    ax.plot(steps, history["loss"], color="tab:blue", lw=1)
+    loss = np.asarray(history["loss"])
+    steps = np.arange(1, len(loss) + 1)
+    k = max(1, len(loss) // 16)  # running mean over k steps: per-window losses are noisy
+    ax.plot(steps, loss, color="tab:blue", lw=0.8, alpha=0.4, label="per step")
+    ax.plot(steps[k - 1 :], np.convolve(loss, np.ones(k) / k, "valid"), color="tab:blue", lw=1.6,
+            label=f"mean of {k}")
     ax.set(xlabel="step", ylabel="distillation loss", yscale="log")
+    ax.legend(loc="upper right")
     lr_ax = ax.twinx()
     lr_ax.plot(steps, history["lr"], color="tab:gray", lw=1, ls="--")
     lr_ax.set_ylabel("learning rate", color="tab:gray")
