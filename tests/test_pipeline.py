@@ -222,7 +222,7 @@ def test_cli_bad_options_fail_before_loading(tmp_path, capsys, extra, match):
 
 
 @pytest.mark.slow
-def test_demo_model_small_calibration(init_fn):
+def test_demo_model_small_calibration(init_fn, data_dir):
     from neuqi.data import calibration_tokens
     from neuqi.models import load_model
 
