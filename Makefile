@@ -8,6 +8,8 @@ TORCH_SPEC ?= torch==2.13.0
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
+# OpenMP threads that busy-wait stall badly when another process holds a core (measured: 5x on a 2-core machine).
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: demo test install lint clean
 

@@ -15,6 +15,15 @@ EXAMPLE = torch.tensor([[-1.0, -0.1, 0.0, 0.1, 0.3]])
 EXAMPLE_H = torch.full((5,), 0.2)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These tensors are small: torch's OpenMP threads would only add barrier waits (slow on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _weights(rows: int, cols: int, seed: int) -> torch.Tensor:
     """Heavy-tailed (Student-t like) weights with a few outlier columns, as in LLM linears."""
     gen = torch.Generator().manual_seed(seed)

@@ -16,6 +16,15 @@ from neuqi.zero_point import (
 SIZES = (1, 2, 3, 5, 8, 13, 31, 64, 100, 128, 256)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These tensors are small: torch's OpenMP threads would only add barrier waits (slow on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _values(kind: str, shape: tuple[int, int], bits: int, gen: torch.Generator) -> torch.Tensor:
     """x = w/s for random groups, with s drawn like the search does: s0·r for r in (0, 1.1]."""
     rows, n = shape
