@@ -57,6 +57,8 @@ def test_registry_and_config_errors() -> None:
         init_params(w, 3, 48)
     with pytest.raises(ConfigError):
         init_params(w, 3, 64, method="neuqi", search="dense")
+    with pytest.raises(ConfigError, match="search"):
+        init_params(w, 3, 64, method="neuqi_int", search="dense")
     with pytest.raises(ConfigError):
         init_params(w, 3, 64, method="minmax", variant="symmetric")
     with pytest.raises(ConfigError):
@@ -143,6 +145,31 @@ def test_pruned_search_equals_exhaustive_search(bits: int) -> None:
     grid = s0.unsqueeze(1) * torch.arange(1, 129, dtype=torch.float64) / 128
     scale_int, _ = init_params(w, bits, 32, "neuqi_int", h, steps=128)
     torch.testing.assert_close(scale_int.view(-1), _unpruned_search(groups, grid, _integer_loss(bits)).float())
+
+    # the integer search over NeUQI's coarse-to-fine candidates, unpruned
+    evaluate_int = _integer_loss(bits)
+    s_mid = _unpruned_search(groups, coarse, evaluate_int)
+    fine = torch.cat([s_mid.unsqueeze(1), s_mid.unsqueeze(1) + s0.unsqueeze(1) * offsets / 2048], 1)
+    loss = evaluate_int(groups, fine, None)
+    best = torch.where(
+        loss[:, 1:].amin(1) < loss[:, 0], fine[:, 1:].gather(1, loss[:, 1:].argmin(1, True))[:, 0], s_mid
+    )
+    scale_c2f, _ = init_params(w, bits, 32, "neuqi_int", h, search="coarse_to_fine")
+    torch.testing.assert_close(scale_c2f.view(-1), best.float(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_coarse_to_fine_integer_search_is_close_to_the_full_grid(bits: int) -> None:
+    """The 96 coarse-to-fine candidates lie on the 2048-step grid (up to s0): never better there, barely worse."""
+    w = _weights(16, 256, 40 + bits)
+    h = _hessian_diag(256, 40 + bits)
+    full = init_params(w, bits, 64, "neuqi_int", h)
+    c2f = init_params(w, bits, 64, "neuqi_int", h, search="coarse_to_fine")
+    loss_full, loss_c2f = _loss(w, full, bits, 64, h), _loss(w, c2f, bits, 64, h)
+    s0 = (w.view(16, 4, 64).amax(-1) - w.view(16, 4, 64).amin(-1)) / (2**bits - 1)
+    on_grid = c2f[0] <= s0 * (1 - 1e-6)
+    assert (loss_c2f[on_grid] >= loss_full[on_grid] * (1 - 1e-6)).all()
+    assert loss_c2f.sum() <= 1.01 * loss_full.sum()
 
 
 def test_edge_cases() -> None:

@@ -261,6 +261,42 @@ def _check_steps(*steps: int) -> None:
             raise ConfigError(f"grid steps must be positive integers, got {value!r}")
 
 
+SEARCHES = ("coarse_to_fine", "full")
+
+
+def _scale_search(
+    g: SortedGroups,
+    s0: torch.Tensor,
+    evaluate: Callable[[SortedGroups, torch.Tensor, list[int] | None], torch.Tensor],
+    bits: int,
+    search: str,
+    steps: int,
+    coarse_steps: int,
+) -> torch.Tensor:
+    """The best scale per group (N,) among the candidates of ``search`` (spec §3), scored by ``evaluate``.
+
+    ``coarse_to_fine`` (grid2_s_*): s = s0·i/coarse_steps for i = 1..coarse_steps, then s_mid + s0·j/steps for
+    j ∈ {−16..16}∖{0} around the coarse best s_mid (half-width steps/coarse_steps/2). ``full`` (grid_s_*):
+    s = s0·i/steps for i = 1..steps. Ties keep the earlier (smaller) scale, coarse before fine.
+    """
+    if search not in SEARCHES:
+        raise ConfigError(f"scale search must be one of {list(SEARCHES)}, got {search!r}")
+    _check_steps(steps, coarse_steps)
+    if steps % coarse_steps:
+        raise ConfigError(f"steps must be a multiple of coarse_steps, got {steps} and {coarse_steps}")
+    grid = torch.arange(1, (steps if search == "full" else coarse_steps) + 1, device=s0.device)
+    scales = s0.unsqueeze(1) * (grid.double() / grid[-1])
+    loss, col = _search(g, scales, evaluate, bits)
+    s = scales.gather(1, col.unsqueeze(1)).squeeze(1)
+    if search == "coarse_to_fine":
+        half = steps // coarse_steps // 2
+        offsets = torch.cat([torch.arange(-half, 0), torch.arange(1, half + 1)]).to(s0.device).double()
+        fine = s.unsqueeze(1) + s0.unsqueeze(1) * offsets / steps
+        _, col = _search(g, fine, evaluate, bits, incumbent=loss, prune=False)  # few would be pruned
+        s = torch.where(col >= 0, fine.gather(1, col.clamp(min=0).unsqueeze(1)).squeeze(1), s)
+    return s
+
+
 @register_init("neuqi_int")
 def neuqi_int(
     weight: torch.Tensor,
@@ -268,17 +304,21 @@ def neuqi_int(
     group_size: int,
     hessian_diag: torch.Tensor | None,
     *,
+    search: str = "full",
     steps: int = 2048,
+    coarse_steps: int = 64,
     row_chunk: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """NeUQI_int (spec §3 grid_s_zp): s ∈ {s0·i/steps : i = 1..steps}, s0 = (max − min)/M, times Z ∈ {0..M}."""
-    _check_steps(steps)
+    """NeUQI_int: the best integer zero-point Z ∈ {0..M} for each candidate scale.
+
+    ``search="full"`` (default, spec §3 grid_s_zp): s ∈ {s0·i/steps : i = 1..steps}, s0 = (max − min)/M, i.e.
+    steps·2^bits evaluations per group. ``search="coarse_to_fine"``: NeUQI's 96 candidate scales (see
+    ``_scale_search``), about 20× cheaper; it isolates what the real-valued zero-point adds.
+    """
     evaluate = _integer_loss(bits)
 
     def fit_chunk(g: SortedGroups, s0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        scales = s0.unsqueeze(1) * torch.arange(1, steps + 1, device=s0.device, dtype=torch.float64) / steps
-        _, col = _search(g, scales, evaluate, bits)
-        s = scales.gather(1, col.unsqueeze(1)).squeeze(1)
+        s = _scale_search(g, s0, evaluate, bits, search, steps, coarse_steps)
         return s, integer_zero_point(g.weight / s.unsqueeze(1), g.h, bits)[0]
 
     return _fit(weight, bits, group_size, hessian_diag, row_chunk, fit_chunk)
@@ -298,28 +338,12 @@ def neuqi(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """NeUQI (spec §3): for each candidate scale the optimal real zero-point (``zero_point.py``).
 
-    ``search="coarse_to_fine"`` (default, grid2_s_best_zp): s = s0·i/coarse_steps for i = 1..coarse_steps, then
-    s_mid + s0·j/steps for j ∈ {−16..16}∖{0} around the coarse best s_mid (half-width steps/coarse_steps/2).
-    ``search="full"``: s = s0·i/steps for i = 1..steps. Ties keep the earlier (smaller) scale, coarse before fine.
+    ``search="coarse_to_fine"`` (default, grid2_s_best_zp) or ``"full"`` (grid_s_best_zp): see ``_scale_search``.
     """
-    if search not in ("coarse_to_fine", "full"):
-        raise ConfigError(f"neuqi search must be 'coarse_to_fine' or 'full', got {search!r}")
-    _check_steps(steps, coarse_steps)
-    if steps % coarse_steps:
-        raise ConfigError(f"steps must be a multiple of coarse_steps, got {steps} and {coarse_steps}")
     evaluate = _neuqi_loss(bits)
 
     def fit_chunk(g: SortedGroups, s0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        grid = torch.arange(1, (steps if search == "full" else coarse_steps) + 1, device=s0.device)
-        scales = s0.unsqueeze(1) * (grid.double() / grid[-1])
-        loss, col = _search(g, scales, evaluate, bits)
-        s = scales.gather(1, col.unsqueeze(1)).squeeze(1)
-        if search == "coarse_to_fine":
-            half = steps // coarse_steps // 2
-            offsets = torch.cat([torch.arange(-half, 0), torch.arange(1, half + 1)]).to(s0.device).double()
-            fine = s.unsqueeze(1) + s0.unsqueeze(1) * offsets / steps
-            _, col = _search(g, fine, evaluate, bits, incumbent=loss, prune=False)  # few would be pruned
-            s = torch.where(col >= 0, fine.gather(1, col.clamp(min=0).unsqueeze(1)).squeeze(1), s)
+        s = _scale_search(g, s0, evaluate, bits, search, steps, coarse_steps)
         zero_point = g.solve(s.unsqueeze(1), bits)[0].squeeze(1)
         return s, zero_point
 

@@ -121,6 +121,73 @@ class _GroupInputSeen(Exception):
     """Stops a layer's forward once the linear group's input was accumulated; caught only in ``_hessian``."""
 
 
+UNWEIGHTED_INITS = ("minmax",)  # initializers that ignore hessian_diag
+
+
+def needs_calibration(config: QuantConfig) -> bool:
+    """False for RTN with an unweighted initializer: nothing then depends on the calibration activations."""
+    return config.method != "rtn" or config.init not in UNWEIGHTED_INITS
+
+
+class _FinishedOutputs:
+    """Replays the outputs of a layer's sub-modules whose linears all hold their final weights.
+
+    Once every linear inside a direct child of the layer (the attention block, say) is quantized, and the
+    children before it are too, that child's output for calibration batch j no longer changes: it is recorded
+    the next time it runs and replayed in the passes after (``batch`` must be set to j before each call). This
+    skips the attention of the later groups' passes and of the output pass; results are identical.
+    """
+
+    def __init__(self, layer: nn.Module) -> None:
+        self.batch = 0
+        self._children = {
+            name: (child, {f"{name}.{n}" for n, m in child.named_modules() if isinstance(m, nn.Linear)})
+            for name, child in layer.named_children()
+            if not isinstance(child, nn.Linear)
+        }
+        self._children = {k: v for k, v in self._children.items() if v[1]}
+        self._done: set[str] = set()
+        self._patched: list[nn.Module] = []
+        self._calls: dict[str, int] = {}
+
+    def set_batch(self, j: int) -> None:
+        self.batch, self._calls = j, {}
+
+    def mark_done(self, names: list[str]) -> None:
+        self._done.update(names)
+        for name, (child, linears) in self._children.items():
+            if linears <= self._done and child not in self._patched:
+                self._patch(name, child)
+
+    def _patch(self, name: str, child: nn.Module) -> None:
+        original, store = child.forward, {}
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            n = self._calls[name] = self._calls.get(name, -1) + 1
+            key = (self.batch, n)  # a child called twice per layer forward is keyed per call
+            if key not in store:
+                store[key] = original(*args, **kwargs)
+            return _clone(store[key])
+
+        child.forward = forward
+        self._patched.append(child)
+
+    def close(self) -> None:
+        for child in self._patched:
+            del child.forward  # the instance attribute; the class's forward shows again
+        self._patched.clear()
+
+
+def _clone(out: Any) -> Any:
+    """A copy of a module output (tensors in tuples/lists), so that in-place edits by the caller cannot reach
+    the stored one."""
+    if isinstance(out, torch.Tensor):
+        return out.clone()
+    if isinstance(out, (tuple, list)):
+        return type(out)(_clone(x) for x in out)
+    return out
+
+
 def _default_init() -> InitFn:
     from .init import init_params
 
@@ -150,7 +217,11 @@ def _call(layer: nn.Module, hidden: torch.Tensor, call: adapters.LayerCall) -> A
 
 
 def _hessian(
-    layer: nn.Module, linear: nn.Linear, hiddens: list[torch.Tensor], call: adapters.LayerCall
+    layer: nn.Module,
+    linear: nn.Linear,
+    hiddens: list[torch.Tensor],
+    call: adapters.LayerCall,
+    finished: _FinishedOutputs,
 ) -> tuple[torch.Tensor, int]:
     """(H = XᵀX / n_tokens (in, in) fp64, n_tokens) of the input X of ``linear`` over all batches."""
     acc = torch.zeros(
@@ -166,7 +237,8 @@ def _hessian(
 
     handle = linear.register_forward_pre_hook(pre)
     try:
-        for hidden in hiddens:
+        for j, hidden in enumerate(hiddens):
+            finished.set_batch(j)
             try:
                 _call(layer, hidden, call)
             except _GroupInputSeen:
@@ -185,17 +257,20 @@ def _peak_memory(device: torch.device) -> dict[str, float]:
 
 
 def _quantize_linear(
-    name: str, linear: nn.Linear, hessian: torch.Tensor, config: QuantConfig, init_fn: InitFn
+    name: str, linear: nn.Linear, hessian: torch.Tensor | None, config: QuantConfig, init_fn: InitFn
 ) -> tuple[dict[str, Any], QParams]:
-    """Fit parameters, solve, write Ŵ back into ``linear``; returns (record, QParams)."""
+    """Fit parameters, solve, write Ŵ back into ``linear``; returns (record, QParams). ``hessian`` None: RTN with
+    an unweighted initializer (no calibration), whose records carry no losses."""
     start = time.perf_counter()
     weight = linear.weight.detach().float()  # (out, in) fp32 master copy
     g = grid.resolve_group_size(weight.shape[1], config.group_size)
-    h = solvers.damped_diagonal(hessian, config.damping).float()  # (in,) spec §3: diag of the damped H
+    # (in,) spec §3: diag of the damped H
+    h = None if hessian is None else solvers.damped_diagonal(hessian, config.damping).float()
 
     def fit(w: torch.Tensor, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cols = (groups.unsqueeze(1) * g + torch.arange(g, device=groups.device)).flatten()
-        s, z = init_fn(w, config.bits, g, method=config.init, hessian_diag=h[cols], **config.init_options)
+        s, z = init_fn(w, config.bits, g, method=config.init, hessian_diag=None if h is None else h[cols],
+                       **config.init_options)
         return grid.to_storage(s, z)
 
     record: dict[str, Any] = {
@@ -203,13 +278,16 @@ def _quantize_linear(
         "shape": list(weight.shape),
         "init_loss": None,
         "loss_before": None,
+        "init_seconds": None,
     }
     scale = zero = None
     if config.param_fit == "static" or config.method == "rtn":
         scale, zero = fit(weight, torch.arange(weight.shape[1] // g, device=weight.device))
-        w_rtn = grid.fake_quantize(weight, scale, zero, config.bits, g)
-        record["init_loss"] = float((((w_rtn - weight) ** 2) * h).sum())
-        record["loss_before"] = solvers.proxy_loss(w_rtn, weight, hessian)
+        record["init_seconds"] = round(time.perf_counter() - start, 4)
+        if hessian is not None:
+            w_rtn = grid.fake_quantize(weight, scale, zero, config.bits, g)
+            record["init_loss"] = float((((w_rtn - weight) ** 2) * h).sum())
+            record["loss_before"] = solvers.proxy_loss(w_rtn, weight, hessian)
     solver = solvers.get_solver(config.method)
     res = solver(
         weight,
@@ -226,9 +304,51 @@ def _quantize_linear(
     )
     with torch.no_grad():
         linear.weight.copy_(res.weight.to(linear.weight.dtype))
-    record.update(loss=res.loss, damping=res.damping, seconds=round(time.perf_counter() - start, 4))
+    loss = None if hessian is None else res.loss
+    record.update(loss=loss, damping=res.damping, seconds=round(time.perf_counter() - start, 4))
     qp = QParams(res.scale.cpu(), res.zero_point.cpu(), config.bits, config.group_size)
     return record, qp
+
+
+def _quantize_layer(
+    layer: nn.Module,
+    prefix: str,
+    modules: dict[str, nn.Linear],
+    hiddens: list[torch.Tensor],
+    call: adapters.LayerCall,
+    config: QuantConfig,
+    init_fn: InitFn,
+    records: list[dict[str, Any]],
+    qparams: dict[str, QParams],
+) -> list[torch.Tensor]:
+    """Quantize one layer group by group (appending to ``records`` and ``qparams``); returns its outputs."""
+    groups = adapters.linear_groups(layer, lambda: _call(layer, hiddens[0][:1], call))
+    finished = _FinishedOutputs(layer)
+    try:
+        for group in groups:
+            hessian, n_tokens = _hessian(layer, modules[group[0]], hiddens, call, finished)
+            for name in group:
+                record, qp = _quantize_linear(f"{prefix}.{name}", modules[name], hessian, config, init_fn)
+                record["tokens"] = n_tokens
+                records.append(record)
+                qparams[record["name"]] = qp
+                log.info(
+                    "%s %s: loss %.5g (rtn %s) damp %.3g, %.2f s",
+                    record["name"],
+                    tuple(record["shape"]),
+                    record["loss"],
+                    "-" if record["loss_before"] is None else f"{record['loss_before']:.5g}",
+                    record["damping"],
+                    record["seconds"],
+                )
+            finished.mark_done(group)
+        outputs = []
+        for j, h in enumerate(hiddens):
+            finished.set_batch(j)
+            outputs.append(adapters.layer_output(_call(layer, h, call)))
+        return outputs
+    finally:
+        finished.close()
 
 
 @torch.no_grad()
@@ -245,8 +365,8 @@ def quantize_model(
     ``device``: where each layer is computed (default: where the model is); only one layer is there at a time.
     ``init_fn``: the parameter initializer (default ``neuqi.init.init_params``).
     Returns a summary: ``config``, per-linear ``records`` {name, shape, init_loss, loss_before, loss, damping,
-    seconds}, ``totals``, ``timings``, ``memory``, and ``qparams`` {qualified name: QParams} for
-    ``neuqi.packed.pack_model``.
+    seconds, init_seconds, tokens}, ``totals``, ``timings``, ``memory``, and ``qparams`` {qualified name:
+    QParams} for ``neuqi.packed.pack_model``.
     """
     from tqdm.auto import tqdm
 
@@ -270,15 +390,18 @@ def quantize_model(
     model.eval()
     t0 = time.perf_counter()
 
-    stem = [model.get_submodule(n) for n in stack.stem]
-    for m in stem:
-        m.to(device)
-    try:
-        batches = [b.to(device) for b in calibration_tokens.split(config.batch_size)]
-        hiddens, calls = adapters.capture_inputs(model, stack, batches)
-    finally:
+    hiddens: list[torch.Tensor] | None = None
+    calls: list[adapters.LayerCall] = []
+    if needs_calibration(config):
+        stem = [model.get_submodule(n) for n in stack.stem]
         for m in stem:
-            m.to(home)
+            m.to(device)
+        try:
+            batches = [b.to(device) for b in calibration_tokens.split(config.batch_size)]
+            hiddens, calls = adapters.capture_inputs(model, stack, batches)
+        finally:
+            for m in stem:
+                m.to(home)
     timings: dict[str, Any] = {"capture_s": round(time.perf_counter() - t0, 3), "layers_s": []}
 
     records: list[dict[str, Any]] = []
@@ -287,25 +410,14 @@ def quantize_model(
         t_layer = time.perf_counter()
         layer = stack.layers[i].to(device)
         prefix = stack.layer_name(i)
-        groups = adapters.linear_groups(layer, lambda: _call(layer, hiddens[0][:1], calls[i]))  # noqa: B023
         modules = _linears(layer)
-        for group in groups:
-            hessian, n_tokens = _hessian(layer, modules[group[0]], hiddens, calls[i])
-            for name in group:
-                record, qp = _quantize_linear(f"{prefix}.{name}", modules[name], hessian, config, init_fn)
-                record["tokens"] = n_tokens
+        if hiddens is None:  # RTN without calibration: every linear, no Hessian
+            for name, module in modules.items():
+                record, qp = _quantize_linear(f"{prefix}.{name}", module, None, config, init_fn)
                 records.append(record)
                 qparams[record["name"]] = qp
-                log.info(
-                    "%s %s: loss %.5g (rtn %s) damp %.3g, %.2f s",
-                    record["name"],
-                    tuple(record["shape"]),
-                    record["loss"],
-                    "-" if record["loss_before"] is None else f"{record['loss_before']:.5g}",
-                    record["damping"],
-                    record["seconds"],
-                )
-        hiddens = [adapters.layer_output(_call(layer, h, calls[i])) for h in hiddens]
+        else:
+            hiddens = _quantize_layer(layer, prefix, modules, hiddens, calls[i], config, init_fn, records, qparams)
         stack.layers[i].to(home)
         timings["layers_s"].append(round(time.perf_counter() - t_layer, 3))
 
