@@ -171,6 +171,45 @@ def _timed_eval(model: nn.Module, tokenizer, args: argparse.Namespace) -> tuple[
     return result["metrics"], round(time.perf_counter() - start, 1)
 
 
+SETTING_TITLES = {"w4g64": "W4 g64", "w3g64": "W3 g64", "w2g64": "W2 g64", "w3c": "W3 per-channel",
+                  "w2c": "W2 per-channel"}
+
+
+def _cell(metrics: dict[str, float], key: str) -> str:
+    value = metrics.get(key)
+    return "–" if value is None else f"{value:,.0f}" if value >= 1000 else f"{value:.2f}"
+
+
+def pivot_tables(results: list[dict[str, Any]]) -> str:
+    """Markdown: WikiText-2 / C4 perplexity per method (rows) and setting (columns), then quantization minutes."""
+    settings = [s for s in SETTINGS if any(r.get("setting") == s for r in results)]
+    by = {(r.get("method"), r.get("setting")): r for r in results}
+    fp = by.get(("fp", None))
+    bpw = {s: next(r["bits_per_weight"] for r in results if r.get("setting") == s) for s in settings}
+    head = "| method | " + " | ".join(f"{SETTING_TITLES[s]} ({bpw[s]:.2f} bpw)" for s in settings) + " |"
+    lines = ["WikiText-2 / C4 perplexity", "", head, "|---|" + "---:|" * len(settings)]
+    if fp is not None:
+        cell = f"{_cell(fp['metrics'], 'wikitext2_ppl')} / {_cell(fp['metrics'], 'c4_ppl')}"
+        lines.append("| FP (16 bpw) | " + " | ".join(cell for _ in settings) + " |")
+    for row in ROWS[1:]:
+        cells = []
+        for s in settings:
+            r = by.get((row, s))
+            if r is None:
+                cells.append("not run")
+                continue
+            cell = f"{_cell(r['metrics'], 'wikitext2_ppl')} / {_cell(r['metrics'], 'c4_ppl')}"
+            cells.append(f"**{cell}**" if row == "neuqi" else cell)
+        if any(c != "not run" for c in cells):
+            lines.append(f"| {LABELS[row]} | " + " | ".join(cells) + " |")
+    lines += ["", "Quantization wall time, minutes", "", head, "|---|" + "---:|" * len(settings)]
+    for row in ROWS[1:]:
+        cells = [f"{by[(row, s)]['quant_seconds'] / 60:.1f}" if (row, s) in by else "–" for s in settings]
+        if any(c != "–" for c in cells):
+            lines.append(f"| {LABELS[row]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -215,8 +254,10 @@ def main(argv: list[str] | None = None) -> int:
     paths = report.write_report(results, out, title=f"neuqi comparison on {model_name}")
     (out / "run_info.txt").write_text(f"wall_seconds {wall:.1f}\nargv {' '.join(sys.argv[1:])}\n"
                                       f"machine {json.dumps(report.machine_info())}\n")
-    print(report.markdown_table(results))
-    print(f"\nwall time {wall / 60:.1f} min; report in {paths['markdown']}")
+    tables = pivot_tables(results)
+    (out / "tables.md").write_text(tables)
+    print(tables)
+    print(f"\nwall time {wall / 60:.1f} min; report in {paths['markdown']}, tables in {out / 'tables.md'}")
     return 0
 
 

@@ -58,7 +58,7 @@ def test_perplexity_ordering_w3g64(demo, quantized):
     loss = {name: s["totals"]["loss"] for name, (_, s) in quantized.items()}
     print("W3 g64 ppl", ppl, "layer loss", loss)
     assert ppl["fp"] < ppl["neuqi"] < ppl["gptq"] < ppl["rtn"]
-    assert loss["neuqi"] < loss["gptq"] < loss["rtn"]
+    assert loss["rtn"] is None and loss["neuqi"] < loss["gptq"]  # RTN + Min-Max runs without calibration
 
 
 def test_packed_checkpoint_round_trip(demo, quantized, tmp_path):

@@ -261,3 +261,14 @@ def test_cli_bad_options_fail_before_loading(tmp_path, capsys, extra, match):
     # the model path does not exist: an error about the options proves nothing was loaded
     assert main(["quantize", str(tmp_path / "no-model"), "--out", str(tmp_path / "o"), *extra]) == 2
     assert match in capsys.readouterr().err
+
+
+def test_cli_search_option_reaches_the_initializer(tiny_dir, tmp_path):
+    model_dir, calib = tiny_dir
+    out = tmp_path / "out"
+    argv = ["quantize", str(model_dir), "--calib", str(calib), "--nsamples", "2", "--seqlen", "32", "--group-size",
+            "32", "--init", "neuqi_int", "--search", "coarse_to_fine", "--dtype", "fp32", "--out", str(out), "--quiet",
+            "--format", "fake"]
+    assert main(argv) == 0
+    summary = json.loads((out / "neuqi_summary.json").read_text())
+    assert summary["config"]["init_options"] == {"search": "coarse_to_fine"}

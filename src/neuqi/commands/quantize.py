@@ -51,6 +51,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--method", default="ldlq", help="rounding: rtn | gptq | ldlq (default ldlq)")
     p.add_argument("--init", default="neuqi", help="initializer: minmax | neuqi_int | neuqi (default neuqi)")
     p.add_argument(
+        "--search",
+        choices=("coarse_to_fine", "full"),
+        default=None,
+        help="scale candidates of neuqi / neuqi_int: coarse_to_fine (96) or full (2048) "
+        "(default: coarse_to_fine for neuqi, full for neuqi_int, as in the paper)",
+    )
+    p.add_argument(
         "--param-fit",
         default="static",
         help="static: fit (s, Z) on the original W (paper); dynamic: when the solver reaches the group",
@@ -128,6 +135,7 @@ def _settings(args: argparse.Namespace):
         block_size=args.block_size,
         param_fit=args.param_fit,
         batch_size=args.batch_size,
+        init_options={} if args.search is None or args.init == "minmax" else {"search": args.search},
     )
     nsamples = args.nsamples if args.nsamples is not None else defaults["nsamples"]
     seqlen = args.seqlen if args.seqlen is not None else defaults["seqlen"]
