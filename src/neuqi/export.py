@@ -255,7 +255,7 @@ def q4_1_blocks(layer: QuantLinear) -> tuple[torch.Tensor, float]:
     scales = layer.scales.detach()
     if scales.dtype != torch.float16 and not torch.equal(scales, scales.half().to(scales.dtype)):
         raise ConfigError("Q4_1 stores fp16 scales; this layer's scales are not fp16 values (was it cast to bf16?)")
-    d = layer.scales.detach().cpu().half().repeat_interleave(per, dim=1)  # (out, in/32) fp16, exact
+    d = scales.cpu().half().repeat_interleave(per, dim=1)  # (out, in/32) fp16, exact
     m32 = -(layer.scales.float() * layer.zeros.float()).cpu()  # exact in fp32 (11-bit × 11-bit mantissas)
     m = m32.half()
     step_err = ((m.float() - m32).abs() / layer.scales.float().cpu()).max().item()

@@ -140,12 +140,11 @@ class _FinishedOutputs:
 
     def __init__(self, layer: nn.Module) -> None:
         self.batch = 0
-        self._children = {
-            name: (child, {f"{name}.{n}" for n, m in child.named_modules() if isinstance(m, nn.Linear)})
-            for name, child in layer.named_children()
-            if not isinstance(child, nn.Linear)
-        }
-        self._children = {k: v for k, v in self._children.items() if v[1]}
+        self._children: dict[str, tuple[nn.Module, set[str]]] = {}  # child name -> (child, its linears' names)
+        for name, child in layer.named_children():
+            linears = {f"{name}.{n}" for n, m in child.named_modules() if isinstance(m, nn.Linear)}
+            if linears and not isinstance(child, nn.Linear):
+                self._children[name] = (child, linears)
         self._done: set[str] = set()
         self._patched: list[nn.Module] = []
         self._calls: dict[str, int] = {}
