@@ -112,11 +112,25 @@ def test_hessian_equals_direct_computation():
                 pipeline._call(layer, hidden, calls[0])
         handle.remove()
         with torch.no_grad():
-            h, n = pipeline._hessian(layer, linear, hiddens, calls[0], pipeline._FinishedOutputs(layer))
+            trace = adapters.trace_layer(layer, lambda: pipeline._call(layer, hiddens[0], calls[0]))
+            h, n = pipeline._hessian(layer, linear, hiddens, calls[0], pipeline._Replay(layer, trace))
         x = torch.cat([t.reshape(-1, linear.in_features) for t in seen]).double()
         assert n == ids.numel() and h.dtype == torch.float64
         ref = x.T @ x / n  # each batch product is fp32, so allow fp32 rounding
         torch.testing.assert_close(h, ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max()))
+
+
+def test_gram_of_bf16_activations_is_accurate_to_fp32():
+    x = torch.randn(4096, 96, generator=torch.Generator().manual_seed(0)).bfloat16()
+    ref = x.double().T @ x.double()
+    fp32 = x.float().T @ x.float()
+    before = getattr(getattr(torch.backends.mkldnn, "matmul", None), "fp32_precision", None)
+    got = pipeline.gram(x)
+    assert got.dtype == torch.float32
+    # bf16·bf16 products are exact in fp32: only the summation order differs from the fp32 product
+    assert float((got.double() - ref).abs().max()) <= 4 * float((fp32.double() - ref).abs().max()) + 1e-3
+    assert getattr(getattr(torch.backends.mkldnn, "matmul", None), "fp32_precision", None) == before
+    assert torch.equal(pipeline.gram(x.float()), fp32)
 
 
 @pytest.mark.parametrize("method, param_fit", [("ldlq", "static"), ("gptq", "dynamic"), ("rtn", "static")])
@@ -144,29 +158,47 @@ def test_quantized_linears_hold_grid_values(init_fn, method, param_fit):
     assert model(input_ids=tokens()).logits.isfinite().all()
 
 
-def test_replaying_finished_blocks_changes_nothing(init_fn, monkeypatch):
-    calls = {"attention": 0}
-    original = tf.models.llama.modeling_llama.LlamaAttention.forward
+def test_replaying_final_parts_changes_nothing(init_fn, monkeypatch):
+    llama = tf.models.llama.modeling_llama
+    calls = {"attention": 0, "mlp": 0}
+    for key, cls in (("attention", llama.LlamaAttention), ("mlp", llama.LlamaMLP)):
+        original = cls.forward
 
-    def counting(self, *args, **kwargs):
-        calls["attention"] += 1
-        return original(self, *args, **kwargs)
+        def counting(self, *args, key=key, original=original, **kwargs):
+            calls[key] += 1
+            return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(tf.models.llama.modeling_llama.LlamaAttention, "forward", counting)
+        monkeypatch.setattr(cls, "forward", counting)
     config = QuantConfig(bits=3, group_size=16, init="neuqi" if init_fn is not _minmax else "minmax", batch_size=2)
     results = {}
     for replay in (True, False):
         if not replay:
-            monkeypatch.setattr(pipeline._FinishedOutputs, "mark_done", lambda self, names: None)
-        model, calls["attention"] = tiny_llama(), 0
+            monkeypatch.setattr(pipeline._Replay, "_update", lambda self: None)
+        model, calls["attention"], calls["mlp"] = tiny_llama(), 0, 0
         summary = quantize_model(model, tokens(), config, progress=False)
-        results[replay] = (model.state_dict(), summary["totals"]["loss"], calls["attention"])
+        results[replay] = (model.state_dict(), summary["totals"]["loss"], dict(calls))
     (with_replay, loss, n_with), (without, loss_without, n_without) = results[True], results[False]
     assert loss == loss_without
     assert all(torch.equal(with_replay[k], without[k]) for k in with_replay)
-    # per layer, 3 batches: without replay the q/k/v, o, gate/up, down and output passes all enter the attention;
-    # with it, the gate/up pass records it and the down and output passes replay it (+1 call finding the groups)
-    assert (n_without, n_with) == (2 * (3 * 5 + 1), 2 * (3 * 3 + 1))
+    # per layer, 3 batches, +1 call tracing the layer. Without replay the q/k/v, o, gate/up, down and output passes
+    # all enter the attention, and the last three the MLP. With it, the gate/up pass computes the attention as
+    # o_proj(input recorded in the o pass) and the later passes replay it; the output pass computes the MLP as
+    # down_proj(input recorded in the down pass).
+    assert n_without == {"attention": 2 * (3 * 5 + 1), "mlp": 2 * (3 * 3 + 1)}
+    assert n_with == {"attention": 2 * (3 * 2 + 1), "mlp": 2 * (3 * 2 + 1)}
+
+
+def test_trace_finds_the_tail_linears():
+    from neuqi import adapters
+
+    model = tiny_llama()
+    stack = adapters.find_stack(model)
+    hiddens, calls = adapters.capture_inputs(model, stack, [tokens(2)])
+    layer = stack.layers[0]
+    trace = adapters.trace_layer(layer, lambda: pipeline._call(layer, hiddens[0], calls[0]))
+    assert trace.groups == [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+                            ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+    assert trace.tails == {"self_attn": ("self_attn.o_proj", 2), "mlp": ("mlp.down_proj", 0)}
 
 
 def test_rtn_with_minmax_needs_no_calibration(monkeypatch):

@@ -143,6 +143,27 @@ def test_integer_zero_point_is_best_integer() -> None:
     assert (optimal_zero_point(x, h, 4)[1] <= f + 1e-12).all()
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_integer_loss_from_prefix_sums_equals_direct_evaluation(bits: int) -> None:
+    """SortedGroups.integer_loss against the Z-by-Z reference, on random groups and on values sitting exactly on
+    rounding edges (half steps) and on clipping edges."""
+    gen = torch.Generator().manual_seed(17)
+    w = torch.cat([
+        torch.randn(300, 16, generator=gen, dtype=torch.float64) * torch.rand(300, 1, generator=gen) * 3,
+        torch.randint(-8, 40, (300, 16), generator=gen).double() / 2 * 0.25,  # multiples of s/2 for s = 0.25
+    ])
+    h = torch.rand(600, 16, generator=gen, dtype=torch.float64)
+    h[::7, ::3] = 0.0
+    groups = SortedGroups.build(w, h)
+    for scale in (torch.full((600,), 0.25, dtype=torch.float64), torch.rand(600, generator=gen).double() + 0.05):
+        zero_point, loss = groups.integer_loss(scale, bits)
+        z_ref, f_ref = integer_zero_point(groups.weight / scale.unsqueeze(1), groups.h, bits)
+        torch.testing.assert_close(loss, f_ref * scale**2, rtol=1e-9, atol=1e-12)
+        chosen = objective(groups.weight / scale.unsqueeze(1), groups.h, zero_point, bits) * scale**2
+        torch.testing.assert_close(chosen, loss, rtol=1e-9, atol=1e-12)
+        assert ((zero_point == z_ref) | ((chosen - f_ref * scale**2).abs() <= 1e-9 * loss)).all()
+
+
 def test_chunks_and_shapes() -> None:
     gen = torch.Generator().manual_seed(11)
     x = torch.randn(3, 40, 32, generator=gen, dtype=torch.float64) * 5

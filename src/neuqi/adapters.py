@@ -11,7 +11,8 @@ tabulated.
   exception that only this function catches, so nothing but the stem runs.
 * ``linear_groups(layer, call)``: the layer's ``nn.Linear``s grouped by the tensor they read, in execution
   order (``[[q, k, v], [o], [gate, up], [down]]`` for Llama, ``[[qkv_proj], [o_proj], [gate_up_proj],
-  [down_proj]]`` for Phi-3), found by hooking one call of the layer.
+  [down_proj]]`` for Phi-3), found by hooking one call of the layer. ``trace_layer`` also names each child
+  whose output is its last linear's output (``o_proj`` of the attention, ``down_proj`` of the MLP).
 """
 
 from __future__ import annotations
@@ -191,24 +192,41 @@ def _same_input(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.data_ptr() == b.data_ptr() and a.stride() == b.stride() or torch.equal(a, b)
 
 
-def linear_groups(layer: nn.Module, call: Callable[[], Any]) -> list[list[str]]:
-    """The ``nn.Linear``s of ``layer`` (names relative to it) grouped by the tensor they read, in the order
-    the groups are first used, by hooking one ``call()`` that runs the layer. Linears never called are left
-    out."""
-    seen: list[tuple[str, torch.Tensor]] = []
+@dataclass
+class LayerTrace:
+    """What one call of a decoder layer shows: ``groups`` of ``nn.Linear`` names (relative to the layer) that read
+    the same tensor, in the order first used, and ``tails``: for a direct child (attention, MLP) called once
+    whose output is its last linear's output object (or a tuple of it and Nones), child name -> (that linear's
+    name relative to the layer, number of items of the tuple output or 0 for a bare tensor)."""
 
-    def hook(name: str) -> Callable[..., None]:
+    groups: list[list[str]]
+    tails: dict[str, tuple[str, int]]
+
+
+def trace_layer(layer: nn.Module, call: Callable[[], Any]) -> LayerTrace:
+    """Hook one ``call()`` that runs ``layer``; linears never called are left out of the groups."""
+    seen: list[tuple[str, torch.Tensor]] = []
+    outputs: dict[str, list[Any]] = {}
+
+    def pre_hook(name: str) -> Callable[..., None]:
         def pre(_module: nn.Module, args: tuple) -> None:
             if all(n != name for n, _ in seen):
                 seen.append((name, args[0]))
 
         return pre
 
-    handles = [
-        m.register_forward_pre_hook(hook(n)) for n, m in layer.named_modules() if isinstance(m, nn.Linear)
-    ]
-    if not handles:
+    def out_hook(name: str) -> Callable[..., None]:
+        def hook(_module: nn.Module, _args: tuple, out: Any) -> None:
+            outputs.setdefault(name, []).append(out)
+
+        return hook
+
+    linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
+    if not linears:
         raise ModelError(f"decoder layer {type(layer).__name__} holds no nn.Linear layers to quantize")
+    children = {n: c for n, c in layer.named_children() if not isinstance(c, nn.Linear) and _has_linear(c)}
+    handles = [m.register_forward_pre_hook(pre_hook(n)) for n, m in linears.items()]
+    handles += [m.register_forward_hook(out_hook(n)) for n, m in {**linears, **children}.items()]
     try:
         with torch.no_grad():
             call()
@@ -225,4 +243,21 @@ def linear_groups(layer: nn.Module, call: Callable[[], Any]) -> list[list[str]]:
             groups.append((x, [name]))
     if not groups:
         raise ModelError(f"no nn.Linear of {type(layer).__name__} ran during its forward")
-    return [names for _, names in groups]
+    tails = {}
+    for child_name, outs in outputs.items():
+        if child_name not in children or len(outs) != 1:
+            continue
+        out, items = outs[0], 0
+        if isinstance(out, tuple) and out and all(x is None for x in out[1:]):
+            out, items = out[0], len(out)
+        for name in linears:
+            if name.startswith(child_name + ".") and any(o is out for o in outputs.get(name, ())):
+                tails[child_name] = (name, items)
+    return LayerTrace([names for _, names in groups], tails)
+
+
+def linear_groups(layer: nn.Module, call: Callable[[], Any]) -> list[list[str]]:
+    """The ``nn.Linear``s of ``layer`` (names relative to it) grouped by the tensor they read, in the order
+    the groups are first used, by hooking one ``call()`` that runs the layer. Linears never called are left
+    out."""
+    return trace_layer(layer, call).groups

@@ -219,8 +219,7 @@ def _integer_loss(bits: int) -> Callable[[SortedGroups, torch.Tensor, list[int] 
         for c in range(scale.shape[1]):
             k = scale.shape[0] if live is None else live[c]
             if k:
-                f = integer_zero_point(g.weight[:k] / scale[:k, c : c + 1], g.h[:k], bits)[1]
-                loss[:k, c] = f * scale[:k, c] ** 2
+                loss[:k, c] = (g if k == len(g.weight) else g.head(k)).integer_loss(scale[:k, c], bits)[1]
         return loss
 
     return evaluate

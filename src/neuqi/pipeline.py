@@ -129,52 +129,100 @@ def needs_calibration(config: QuantConfig) -> bool:
     return config.method != "rtn" or config.init not in UNWEIGHTED_INITS
 
 
-class _FinishedOutputs:
-    """Replays the outputs of a layer's sub-modules whose linears all hold their final weights.
+class _Replay:
+    """Skips recomputing the parts of a layer whose inputs no longer change; results are bit-identical.
 
-    Once every linear inside a direct child of the layer (the attention block, say) is quantized, and the
-    children before it are too, that child's output for calibration batch j no longer changes: it is recorded
-    the next time it runs and replayed in the passes after (``batch`` must be set to j before each call). This
-    skips the attention of the later groups' passes and of the output pass; results are identical.
+    Groups are quantized in execution order. Before the calibration pass for group t, groups 0..t−1 are final, so:
+    * a child (the attention, the MLP) whose output is its tail linear's output (``adapters.trace_layer``): the
+      tail's input for batch j is final once the groups before the tail's group are; it is recorded the next time
+      the tail runs, and from then on the child is computed as tail(recorded input), skipping e.g. the attention
+      core or the MLP's up projections;
+    * any child: once the groups holding its linears are all final, its output for batch j is recorded the next
+      time it runs and replayed after that.
+    ``set_batch(j)`` must be called before running batch j; ``group_done()`` after each group is quantized.
     """
 
-    def __init__(self, layer: nn.Module) -> None:
+    def __init__(self, layer: nn.Module, trace: adapters.LayerTrace) -> None:
         self.batch = 0
-        self._children: dict[str, tuple[nn.Module, set[str]]] = {}  # child name -> (child, its linears' names)
+        self._done = 0
+        group_of = {name: i for i, group in enumerate(trace.groups) for name in group}
+        self._children: list[_ReplayedChild] = []
         for name, child in layer.named_children():
-            linears = {f"{name}.{n}" for n, m in child.named_modules() if isinstance(m, nn.Linear)}
-            if linears and not isinstance(child, nn.Linear):
-                self._children[name] = (child, linears)
-        self._done: set[str] = set()
-        self._patched: list[nn.Module] = []
-        self._calls: dict[str, int] = {}
+            used = [group_of[f"{name}.{n}"] for n, m in child.named_modules() if f"{name}.{n}" in group_of]
+            if used and not isinstance(child, nn.Linear):
+                tail, items = trace.tails.get(name, (None, 0))
+                self._children.append(_ReplayedChild(
+                    child, max(used), None if tail is None else layer.get_submodule(tail),
+                    group_of.get(tail, -1), items,
+                ))
+        self._calls: dict[int, int] = {}
+        self._update()
 
     def set_batch(self, j: int) -> None:
         self.batch, self._calls = j, {}
 
-    def mark_done(self, names: list[str]) -> None:
-        self._done.update(names)
-        for name, (child, linears) in self._children.items():
-            if linears <= self._done and child not in self._patched:
-                self._patch(name, child)
+    def group_done(self) -> None:
+        self._done += 1
+        self._update()
 
-    def _patch(self, name: str, child: nn.Module) -> None:
-        original, store = child.forward, {}
+    def _update(self) -> None:
+        for c in self._children:
+            if c.tail is not None and c.record is None and self._done >= c.tail_group:
+                c.record = c.tail.register_forward_pre_hook(self._recorder(c))
+                self._patch(c)
+            if self._done > c.last_group:
+                self._patch(c)
+
+    def _recorder(self, c: _ReplayedChild) -> Callable[..., None]:
+        def record(_module: nn.Module, args: tuple) -> None:
+            if self.batch not in c.inputs:
+                c.inputs[self.batch] = args[0].clone()
+
+        return record
+
+    def _patch(self, c: _ReplayedChild) -> None:
+        if c.patched:
+            return
+        original = c.module.forward
 
         def forward(*args: Any, **kwargs: Any) -> Any:
-            n = self._calls[name] = self._calls.get(name, -1) + 1
+            n = self._calls[id(c)] = self._calls.get(id(c), -1) + 1
             key = (self.batch, n)  # a child called twice per layer forward is keyed per call
-            if key not in store:
-                store[key] = original(*args, **kwargs)
-            return _clone(store[key])
+            if key in c.outputs:
+                return _clone(c.outputs[key])
+            if n == 0 and self.batch in c.inputs:
+                out = c.tail(c.inputs[self.batch])
+                out = (out, *[None] * (c.items - 1)) if c.items else out
+            else:
+                out = original(*args, **kwargs)
+            if self._done > c.last_group:
+                c.outputs[key] = out
+                return _clone(out)
+            return out
 
-        child.forward = forward
-        self._patched.append(child)
+        c.module.forward = forward
+        c.patched = True
 
     def close(self) -> None:
-        for child in self._patched:
-            del child.forward  # the instance attribute; the class's forward shows again
-        self._patched.clear()
+        for c in self._children:
+            if c.patched:
+                del c.module.forward  # the instance attribute; the class's forward shows again
+            if c.record is not None:
+                c.record.remove()
+        self._children.clear()
+
+
+@dataclass
+class _ReplayedChild:
+    module: nn.Module
+    last_group: int  # index of the last group holding one of its linears
+    tail: nn.Module | None  # the linear whose output is the child's output
+    tail_group: int
+    items: int  # the child returns (tail output, None, ...) of this length; 0: the bare tensor
+    inputs: dict[int, torch.Tensor] = field(default_factory=dict)  # batch -> the tail's final input
+    outputs: dict[tuple[int, int], Any] = field(default_factory=dict)  # (batch, call) -> final output
+    record: Any = None  # the recording hook's handle
+    patched: bool = False
 
 
 def _clone(out: Any) -> Any:
@@ -220,7 +268,7 @@ def _hessian(
     linear: nn.Linear,
     hiddens: list[torch.Tensor],
     call: adapters.LayerCall,
-    finished: _FinishedOutputs,
+    replay: _Replay,
 ) -> tuple[torch.Tensor, int]:
     """(H = XᵀX / n_tokens (in, in) fp64, n_tokens) of the input X of ``linear`` over all batches."""
     acc = torch.zeros(
@@ -229,15 +277,15 @@ def _hessian(
     count = [0]
 
     def pre(_module: nn.Module, args: tuple) -> None:
-        x = args[0].reshape(-1, linear.in_features).float()  # (tokens, in)
-        acc.add_(x.T @ x)  # fp32 product, fp64 sum
+        x = args[0].reshape(-1, linear.in_features)  # (tokens, in)
+        acc.add_(gram(x))  # fp32 product, fp64 sum
         count[0] += x.shape[0]
         raise _GroupInputSeen
 
     handle = linear.register_forward_pre_hook(pre)
     try:
         for j, hidden in enumerate(hiddens):
-            finished.set_batch(j)
+            replay.set_batch(j)
             try:
                 _call(layer, hidden, call)
             except _GroupInputSeen:
@@ -246,6 +294,25 @@ def _hessian(
     finally:
         handle.remove()
     return acc / count[0], count[0]
+
+
+def gram(x: torch.Tensor) -> torch.Tensor:
+    """xᵀx (in, in) in fp32 for x (tokens, in).
+
+    For bf16 x on CPU the product runs on bf16 inputs with fp32 accumulation (oneDNN's bf16 precision for fp32
+    matmuls): bf16 values times bf16 values are exact in fp32, so it equals the fp32 product up to summation
+    order, and is about twice as fast. Other cases convert to fp32 first.
+    """
+    x32 = x.float()
+    mkldnn_matmul = getattr(torch.backends.mkldnn, "matmul", None)
+    if x.dtype != torch.bfloat16 or x.device.type != "cpu" or not hasattr(mkldnn_matmul, "fp32_precision"):
+        return x32.T @ x32
+    previous = mkldnn_matmul.fp32_precision
+    mkldnn_matmul.fp32_precision = "bf16"
+    try:
+        return x32.T @ x32
+    finally:
+        mkldnn_matmul.fp32_precision = previous
 
 
 def _peak_memory(device: torch.device) -> dict[str, float]:
@@ -321,11 +388,11 @@ def _quantize_layer(
     qparams: dict[str, QParams],
 ) -> list[torch.Tensor]:
     """Quantize one layer group by group (appending to ``records`` and ``qparams``); returns its outputs."""
-    groups = adapters.linear_groups(layer, lambda: _call(layer, hiddens[0][:1], call))
-    finished = _FinishedOutputs(layer)
+    trace = adapters.trace_layer(layer, lambda: _call(layer, hiddens[0][:1], call))
+    replay = _Replay(layer, trace)
     try:
-        for group in groups:
-            hessian, n_tokens = _hessian(layer, modules[group[0]], hiddens, call, finished)
+        for group in trace.groups:
+            hessian, n_tokens = _hessian(layer, modules[group[0]], hiddens, call, replay)
             for name in group:
                 record, qp = _quantize_linear(f"{prefix}.{name}", modules[name], hessian, config, init_fn)
                 record["tokens"] = n_tokens
@@ -340,14 +407,14 @@ def _quantize_layer(
                     record["damping"],
                     record["seconds"],
                 )
-            finished.mark_done(group)
+            replay.group_done()
         outputs = []
         for j, h in enumerate(hiddens):
-            finished.set_batch(j)
+            replay.set_batch(j)
             outputs.append(adapters.layer_output(_call(layer, h, call)))
         return outputs
     finally:
-        finished.close()
+        replay.close()
 
 
 @torch.no_grad()

@@ -165,6 +165,36 @@ class SortedGroups:
         total = cost(below, lo, 1.0) + cost(torch.full_like(above, self.weight.shape[1]), hi, 1.0)
         return (total + cost(above, hi, -1.0)).clamp_(min=0.0)
 
+    def integer_loss(self, scale: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The best integer zero-point for one scale per group, ``scale`` (N,): (Z, s²·F), both (N,) float64.
+
+        Equal to ``integer_zero_point(w / s, h, bits)`` up to rounding, in one pass over the weights instead of
+        M + 1. With Z integer an element's code is clamp(round(x) + Z, 0, M), x = w/s: it is clipped low when
+        x < −Z − ½, high when x ≥ M − Z + ½ (a prefix and a suffix of the sorted weights; at the edges both
+        errors are ½), else its error is round(x) − x whatever Z is. So, in weight units,
+
+            s²·F(Z) = Σ_{i<a} h (w + sZ)² + Σ_{a≤i<b} h (s·round(w/s) − w)² + Σ_{i≥b} h (w − s(M − Z))²,
+
+        the outer sums from the prefix sums of h, h·w, h·w² and the middle one from one cumulative sum.
+        """
+        m = max_code(bits)
+        s = scale.to(torch.float64).unsqueeze(1)  # (N, 1)
+        err = torch.round(self.weight / s).mul_(s).sub_(self.weight)
+        mid = torch.cat([err.new_zeros(len(err), 1), err.mul_(err).mul_(self.h).cumsum_(1)], 1)  # (N, n + 1)
+        sz = s * torch.arange(m + 1, dtype=torch.float64, device=s.device)  # (N, M + 1): s·Z
+        a = torch.searchsorted(self.weight, -sz - 0.5 * s)  # #{w < s(−Z − ½)}
+        b = torch.searchsorted(self.weight, s * (m + 0.5) - sz)  # #{w < s(M − Z + ½)}
+        c = s * m - sz
+
+        def at(t: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+            return t.gather(1, k)
+
+        low = at(self.cum_hw2, a) + 2 * sz * at(self.cum_hw, a) + sz * sz * at(self.cum_h, a)
+        t0, t1, t2 = (t[:, -1:] - at(t, b) for t in (self.cum_h, self.cum_hw, self.cum_hw2))
+        loss = (low + at(mid, b) - at(mid, a) + t2 - 2 * c * t1 + c * c * t0).clamp_(min=0.0)
+        best, zero_point = loss.min(1)  # the smallest Z on ties
+        return zero_point.to(torch.float64), best
+
     def solve(
         self, scale: torch.Tensor, bits: int, zero_points: bool = True, live: list[int] | None = None
     ) -> tuple[torch.Tensor | None, torch.Tensor]:
