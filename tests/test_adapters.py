@@ -5,23 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers as tf
+from tiny_models import BASE, TOKEN_IDS
 from torch import nn
 
 from neuqi import adapters
 from neuqi.errors import ModelError
 
-COMMON = dict(
-    vocab_size=128,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=128,
-    pad_token_id=0,
-    bos_token_id=1,
-    eos_token_id=2,
-)
 LLAMA_GROUPS = [
     ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
     ["self_attn.o_proj"],
@@ -52,7 +41,7 @@ FAMILIES = {
 def tiny_model(family: str) -> nn.Module:
     config_cls, model_cls, extra, _ = FAMILIES[family]
     torch.manual_seed(0)
-    return model_cls(config_cls(**{**COMMON, **extra})).eval()
+    return model_cls(config_cls(**{**BASE, **TOKEN_IDS, **extra})).eval()
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from tiny_models import tiny_causal_lm
 from torch import nn
 
 from neuqi import grid
@@ -24,12 +25,8 @@ def cfg(**kwargs) -> DistillConfig:
 
 
 def tiny_llama(vocab: int = 256, seed: int = 0) -> nn.Module:
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=vocab, tie_word_embeddings=True)
-    return AutoModelForCausalLM.from_config(config).eval()
+    return tiny_causal_lm("llama", seed, intermediate_size=128, vocab_size=vocab, max_position_embeddings=2048,
+                          tie_word_embeddings=True)
 
 
 def quantize_copy(teacher: nn.Module, bits: int = 2, group_size: int = 32) -> nn.Module:

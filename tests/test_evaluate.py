@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from tiny_models import tiny_causal_lm
 
 from neuqi.errors import ConfigError, DataError
 from neuqi.evaluate import decoder_layers, evaluate_tasks, parse_tasks, perplexity
@@ -27,16 +28,9 @@ def byte_tokenizer():
 
 
 def tiny_model(arch: str = "llama", attn: str = "sdpa"):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    torch.manual_seed(0)
     extra = {"sliding_window": 8, "final_logit_softcapping": 30.0, "head_dim": 8} if arch == "gemma2" else {}
-    config = AutoConfig.for_model(
-        arch, vocab_size=257, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, use_cache=False, **extra,
-    )
-    config._attn_implementation = attn
-    return AutoModelForCausalLM.from_config(config).eval()
+    return tiny_causal_lm(arch, attn=attn, vocab_size=257, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                          max_position_embeddings=256, use_cache=False, **extra)
 
 
 @pytest.fixture(scope="module")

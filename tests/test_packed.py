@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+from tiny_models import tiny_causal_lm
 from torch import nn
 
 import neuqi
@@ -39,19 +40,8 @@ def fake_quantize_linear(
 
 
 def tiny_llama(tie: bool = True, seed: int = 0) -> nn.Module:
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=256,
-        tie_word_embeddings=tie,
-    )
-    return AutoModelForCausalLM.from_config(cfg).eval()
+    return tiny_causal_lm("llama", seed, intermediate_size=128, vocab_size=256, max_position_embeddings=2048,
+                          tie_word_embeddings=tie)
 
 
 def fake_quantized_llama(bits: int = 3, group_size: int = 32, tie: bool = True, integer_zero: bool = False):

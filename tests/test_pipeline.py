@@ -7,24 +7,12 @@ import json
 import pytest
 import torch
 import transformers as tf
+from tiny_models import TOKEN_IDS, tiny_causal_lm
 
 from neuqi import grid, pipeline
 from neuqi.cli import main
 from neuqi.errors import ConfigError
 from neuqi.pipeline import QuantConfig, quantize_model
-
-TINY = dict(
-    vocab_size=128,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=128,
-    pad_token_id=0,
-    bos_token_id=1,
-    eos_token_id=2,
-)
 
 
 def _minmax(weight, bits, group_size=-1, method="minmax", hessian_diag=None, **_):
@@ -50,8 +38,7 @@ def init_fn(monkeypatch):
 
 
 def tiny_llama(dtype=torch.float32):
-    torch.manual_seed(0)
-    return tf.LlamaForCausalLM(tf.LlamaConfig(**TINY)).eval().to(dtype)
+    return tiny_causal_lm("llama", **TOKEN_IDS).to(dtype)
 
 
 def tokens(n=6, seqlen=16):
@@ -215,6 +202,8 @@ def test_rtn_with_minmax_needs_no_calibration(monkeypatch):
         scale, zero = grid.to_storage(*init_params(w0, 3, 16, method="minmax"))
         assert torch.equal(qp.scale, scale) and torch.equal(qp.zero_point, zero)
         assert torch.equal(model.get_submodule(name).weight, grid.fake_quantize(w0, scale, zero, 3, 16))
+    assert pipeline.needs_calibration(QuantConfig(method="rtn", init="neuqi"))  # NeUQI reads diag(H)
+    assert pipeline.needs_calibration(QuantConfig(method="ldlq", init="minmax"))
 
 
 def test_bf16_model_is_quantized_in_place(init_fn):

@@ -24,17 +24,27 @@ from .zero_point import SortedGroups, integer_zero_point
 
 InitMethod = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 _METHODS: dict[str, InitMethod] = {}
+_UNWEIGHTED: set[str] = set()  # methods that ignore hessian_diag
 _CHUNK_ELEMENTS = 1 << 17  # weights per row chunk: keeps the solver's buffers in cache
 
 
-def register_init(name: str) -> Callable[[InitMethod], InitMethod]:
-    """Decorator: register ``fn(weight, bits, group_size, hessian_diag, **options)`` under ``name``."""
+def register_init(name: str, uses_hessian: bool = True) -> Callable[[InitMethod], InitMethod]:
+    """Decorator: register ``fn(weight, bits, group_size, hessian_diag, **options)`` under ``name``.
+    ``uses_hessian=False`` declares that ``fn`` ignores ``hessian_diag`` (RTN with it then needs no calibration)."""
 
     def wrap(fn: InitMethod) -> InitMethod:
         _METHODS[name] = fn
+        _UNWEIGHTED.discard(name)
+        if not uses_hessian:
+            _UNWEIGHTED.add(name)
         return fn
 
     return wrap
+
+
+def uses_hessian(name: str) -> bool:
+    """Whether the registered method ``name`` reads ``hessian_diag``."""
+    return name not in _UNWEIGHTED
 
 
 def available_init_methods() -> list[str]:
@@ -122,7 +132,7 @@ def _constant_params(value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return scale, zero_point
 
 
-@register_init("minmax")
+@register_init("minmax", uses_hessian=False)
 def minmax(
     weight: torch.Tensor, bits: int, group_size: int, hessian_diag: torch.Tensor | None, *, variant: str = "paper"
 ) -> tuple[torch.Tensor, torch.Tensor]:

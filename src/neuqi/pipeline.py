@@ -121,12 +121,12 @@ class _GroupInputSeen(Exception):
     """Stops a layer's forward once the linear group's input was accumulated; caught only in ``_hessian``."""
 
 
-UNWEIGHTED_INITS = ("minmax",)  # initializers that ignore hessian_diag
-
-
 def needs_calibration(config: QuantConfig) -> bool:
-    """False for RTN with an unweighted initializer: nothing then depends on the calibration activations."""
-    return config.method != "rtn" or config.init not in UNWEIGHTED_INITS
+    """False for RTN with an initializer that ignores the Hessian: nothing then depends on the calibration
+    activations."""
+    from .init import uses_hessian
+
+    return config.method != "rtn" or uses_hessian(config.init)
 
 
 class _Replay:
