@@ -102,6 +102,23 @@ def test_bf16_model_and_dtype_follow_input() -> None:
     assert layer(x).dtype == torch.bfloat16 and torch.equal(layer(x), linear(x))
 
 
+def test_casting_the_model_keeps_fp16_scales_and_zero_points() -> None:
+    model, qparams = fake_quantized_llama(3, 32)
+    pack_model(model, qparams)
+    x = torch.randint(0, 256, (1, 12))
+    name, layer = next(quantized_linears(model))
+    scales, zeros = layer.scales.clone(), layer.zeros.clone()
+    assert not torch.equal(scales.bfloat16().half(), scales)  # a bf16 cast would round them
+    reference = layer.dequantized_weight()
+    model.to(torch.bfloat16)
+    assert layer.scales.dtype == layer.zeros.dtype == torch.float16
+    assert torch.equal(layer.scales, scales) and torch.equal(layer.zeros, zeros)
+    assert torch.equal(layer.dequantized_weight(), reference) and model(x).logits.dtype == torch.bfloat16
+    model.float()
+    assert layer.scales.dtype == torch.float16 and torch.equal(layer.dequantized_weight(), reference)
+    assert model.get_submodule(name) is layer
+
+
 def test_trainable_scales_get_gradients_and_cache_is_safe() -> None:
     linear = nn.Linear(32, 8)
     qp = fake_quantize_linear(linear, 3, 16)

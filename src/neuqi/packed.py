@@ -9,12 +9,12 @@ Stored per layer (out = out_features, G = in_features // group_size, k = bits):
 
 and the layer computes y = x·Ŵᵀ + b with Ŵ = s·(q − Z) evaluated in fp32 exactly as grid.dequantize, then
 cast to the activation dtype. In fp32 its output is bit-identical to an nn.Linear holding the fake-quantized
-weight.
+weight. Casting the module (``model.to(torch.bfloat16)``) casts the bias only: scales and zero-points stay fp16.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -182,6 +182,19 @@ class QuantLinear(nn.Module):
             if self.bias is not None:
                 linear.bias.copy_(self.bias.to(dtype))
         return linear
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> QuantLinear:
+        """Casts (``.to(dtype)``, ``.half()``, ``.bfloat16()``, ``.float()``) leave ``scales`` and ``zeros`` in fp16,
+        since a bf16 cast would round them; device moves reach them as usual."""
+        kept = {name: self._buffers.pop(name) for name in ("scales", "zeros")}
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            for name, t in kept.items():
+                moved = fn(t)
+                self._buffers[name] = moved if moved.dtype == t.dtype else t.to(moved.device)
+        self._cache = None
+        return self
 
     def extra_repr(self) -> str:
         return (
