@@ -159,10 +159,8 @@ def test_replaying_final_parts_changes_nothing(init_fn, monkeypatch):
     config = QuantConfig(bits=3, group_size=16, init="neuqi" if init_fn is not _minmax else "minmax", batch_size=2)
     results = {}
     for replay in (True, False):
-        if not replay:
-            monkeypatch.setattr(pipeline._Replay, "_update", lambda self: None)
         model, calls["attention"], calls["mlp"] = tiny_llama(), 0, 0
-        summary = quantize_model(model, tokens(), config, progress=False)
+        summary = quantize_model(model, tokens(), config, progress=False, replay_activations=replay)
         results[replay] = (model.state_dict(), summary["totals"]["loss"], dict(calls))
     (with_replay, loss, n_with), (without, loss_without, n_without) = results[True], results[False]
     assert loss == loss_without
@@ -293,3 +291,19 @@ def test_cli_search_option_reaches_the_initializer(tiny_dir, tmp_path):
     assert main(argv) == 0
     summary = json.loads((out / "neuqi_summary.json").read_text())
     assert summary["config"]["init_options"] == {"search": "coarse_to_fine"}
+
+
+def test_cli_low_memory_gives_the_same_model(tiny_dir, tmp_path, monkeypatch):
+    model_dir, calib = tiny_dir
+    seen = []
+    original = pipeline.quantize_model
+    monkeypatch.setattr(pipeline, "quantize_model", lambda *a, **k: seen.append(k["replay_activations"]) or
+                        original(*a, **k))
+    losses = {}
+    for flags in ([], ["--low-memory"]):
+        out = tmp_path / f"out{len(flags)}"
+        argv = ["quantize", str(model_dir), "--calib", str(calib), "--nsamples", "2", "--seqlen", "32",
+                "--group-size", "32", "--dtype", "fp32", "--out", str(out), "--quiet", "--format", "fake", *flags]
+        assert main(argv) == 0
+        losses[len(flags)] = json.loads((out / "neuqi_summary.json").read_text())["totals"]["loss"]
+    assert seen == [True, False] and losses[0] == losses[1]

@@ -140,11 +140,14 @@ class _Replay:
     * any child: once the groups holding its linears are all final, its output for batch j is recorded the next
       time it runs and replayed after that.
     ``set_batch(j)`` must be called before running batch j; ``group_done()`` after each group is quantized.
+    The recorded activations cost memory (for Llama, up to the MLP's intermediate width per calibration token);
+    ``enabled=False`` recomputes everything instead.
     """
 
-    def __init__(self, layer: nn.Module, trace: adapters.LayerTrace) -> None:
+    def __init__(self, layer: nn.Module, trace: adapters.LayerTrace, enabled: bool = True) -> None:
         self.batch = 0
         self._done = 0
+        self.enabled = enabled
         group_of = {name: i for i, group in enumerate(trace.groups) for name in group}
         self._children: list[_ReplayedChild] = []
         for name, child in layer.named_children():
@@ -166,6 +169,8 @@ class _Replay:
         self._update()
 
     def _update(self) -> None:
+        if not self.enabled:
+            return
         for c in self._children:
             if c.tail is not None and c.record is None and self._done >= c.tail_group:
                 c.record = c.tail.register_forward_pre_hook(self._recorder(c))
@@ -191,7 +196,8 @@ class _Replay:
             if key in c.outputs:
                 return _clone(c.outputs[key])
             if n == 0 and self.batch in c.inputs:
-                out = c.tail(c.inputs[self.batch])
+                x = c.inputs[self.batch] if self._done <= c.last_group else c.inputs.pop(self.batch)  # last use
+                out = c.tail(x)
                 out = (out, *[None] * (c.items - 1)) if c.items else out
             else:
                 out = original(*args, **kwargs)
@@ -386,10 +392,11 @@ def _quantize_layer(
     init_fn: InitFn,
     records: list[dict[str, Any]],
     qparams: dict[str, QParams],
+    replay_activations: bool = True,
 ) -> list[torch.Tensor]:
     """Quantize one layer group by group (appending to ``records`` and ``qparams``); returns its outputs."""
     trace = adapters.trace_layer(layer, lambda: _call(layer, hiddens[0][:1], call))
-    replay = _Replay(layer, trace)
+    replay = _Replay(layer, trace, replay_activations)
     try:
         for group in trace.groups:
             hessian, n_tokens = _hessian(layer, modules[group[0]], hiddens, call, replay)
@@ -425,11 +432,14 @@ def quantize_model(
     device: str | torch.device | None = None,
     progress: bool = True,
     init_fn: InitFn | None = None,
+    replay_activations: bool = True,
 ) -> dict[str, Any]:
     """Quantize the decoder linears of ``model`` in place on ``calibration_tokens`` (n, seqlen) LongTensor.
 
     ``device``: where each layer is computed (default: where the model is); only one layer is there at a time.
     ``init_fn``: the parameter initializer (default ``neuqi.init.init_params``).
+    ``replay_activations``: keep the inputs and outputs of a layer's finished sub-blocks to skip recomputing them
+    (same result, about half the forward work; False saves that memory, see ``_Replay``).
     Returns a summary: ``config``, per-linear ``records`` {name, shape, init_loss, loss_before, loss, damping,
     seconds, init_seconds, tokens}, ``totals``, ``timings``, ``memory``, and ``qparams`` {qualified name:
     QParams} for ``neuqi.packed.pack_model``.
@@ -483,7 +493,8 @@ def quantize_model(
                 records.append(record)
                 qparams[record["name"]] = qp
         else:
-            hiddens = _quantize_layer(layer, prefix, modules, hiddens, calls[i], config, init_fn, records, qparams)
+            hiddens = _quantize_layer(layer, prefix, modules, hiddens, calls[i], config, init_fn, records, qparams,
+                                      replay_activations)
         stack.layers[i].to(home)
         timings["layers_s"].append(round(time.perf_counter() - t_layer, 3))
 

@@ -93,6 +93,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="N",
         help="after quantizing, WikiText-2 perplexity on the first N windows of 2048 tokens",
     )
+    p.add_argument(
+        "--low-memory",
+        action="store_true",
+        help="recompute the attention/MLP in every calibration pass instead of keeping their activations "
+        "(same result, slower)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -190,7 +196,8 @@ def run(args: argparse.Namespace) -> int:
     log.info(
         "calibrating on %d x %d tokens of %s; %s on %s", nsamples, seqlen, origin, config.short_name(), device
     )
-    summary = quantize_model(model, tokens, config, device=device, progress=not args.quiet)
+    summary = quantize_model(model, tokens, config, device=device, progress=not args.quiet,
+                             replay_activations=not args.low_memory)
     qparams = summary.pop("qparams")
     summary["model"] = {"source": args.model or "smollm2", "class": summary["model"], "dtype": args.dtype}
     summary["calibration"].update(origin=origin, seed=args.seed)
