@@ -35,8 +35,8 @@ log = logging.getLogger("compare")
 
 SETTINGS = {"w4g64": (4, 64), "w3g64": (3, 64), "w2g64": (2, 64), "w3c": (3, -1), "w2c": (2, -1)}
 # row -> (solver, initializer, initializer options); "fp", "hqq" and "distill" are handled apart.
-# NeUQI_int searches NeUQI's 96 coarse-to-fine candidate scales instead of the paper's 2048: within 0.2 % of the full
-# grid's loss on SmolLM2 and 14-36x cheaper, which is what makes the whole table fit on a CPU (see README).
+# NeUQI_int searches NeUQI's 96 coarse-to-fine candidate scales instead of the paper's 2048: within 0.3 % of the full
+# grid's loss on SmolLM2 and 10-14x cheaper (benchmarks/int_search.py), so the whole table fits on a CPU (see README).
 QUANT_ROWS = {"rtn": ("rtn", "minmax", {}), "gptq": ("ldlq", "minmax", {}),
               "neuqi_int": ("ldlq", "neuqi_int", {"search": "coarse_to_fine"}), "neuqi": ("ldlq", "neuqi", {})}
 ROWS = ("fp", *QUANT_ROWS, "distill", "hqq")
@@ -63,6 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
     p.add_argument("--out", default="benchmarks/results/compare", help="directory for the result JSON files")
     p.add_argument("--redo", action="store_true", help="recompute rows whose JSON already exists")
+    p.add_argument("--report-only", action="store_true",
+                   help="only rebuild the report, plot and tables from the JSON files in --out")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     for name, valid, value in (("settings", SETTINGS, args.settings), ("methods", ROWS, args.methods)):
@@ -216,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("neuqi.pipeline").setLevel(logging.WARNING)  # one line per linear is too much here
     torch.manual_seed(args.seed)
     out = Path(args.out)
+    if args.report_only:
+        write_tables(out, args.model)
+        return 0
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     fp, tokenizer = models.load_model(args.model, dtype=args.dtype)
@@ -250,15 +255,21 @@ def main(argv: list[str] | None = None) -> int:
         log.info("[%d/%d] %s %s: %s (%.0f s)", i, len(plan), setting, row,
                  json.dumps({k: round(v, 3) for k, v in result["metrics"].items()}), time.perf_counter() - t)
     wall = time.perf_counter() - started
-    results = report.load_results(sorted(out.glob(f"{Path(model_name).name}-*.json")))
-    paths = report.write_report(results, out, title=f"neuqi comparison on {model_name}")
     (out / "run_info.txt").write_text(f"wall_seconds {wall:.1f}\nargv {' '.join(sys.argv[1:])}\n"
                                       f"machine {json.dumps(report.machine_info())}\n")
+    write_tables(out, model_name)
+    print(f"\nwall time {wall / 60:.1f} min")
+    return 0
+
+
+def write_tables(out: Path, model_name: str) -> None:
+    """``neuqi report`` output (report.md, plot) and the pivot ``tables.md`` from every row JSON in ``out``."""
+    results = report.load_results(sorted(out.glob(f"{Path(model_name).name}-*.json")))
+    paths = report.write_report(results, out, title=f"neuqi comparison on {model_name}")
     tables = pivot_tables(results)
     (out / "tables.md").write_text(tables)
     print(tables)
-    print(f"\nwall time {wall / 60:.1f} min; report in {paths['markdown']}, tables in {out / 'tables.md'}")
-    return 0
+    print(f"report in {paths['markdown']}, tables in {out / 'tables.md'}")
 
 
 if __name__ == "__main__":

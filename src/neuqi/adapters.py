@@ -250,9 +250,10 @@ def trace_layer(layer: nn.Module, call: Callable[[], Any]) -> LayerTrace:
         out, items = outs[0], 0
         if isinstance(out, tuple) and out and all(x is None for x in out[1:]):
             out, items = out[0], len(out)
-        for name in linears:
-            if name.startswith(child_name + ".") and any(o is out for o in outputs.get(name, ())):
-                tails[child_name] = (name, items)
+        tail = next((n for n in linears if n.startswith(child_name + ".") and
+                     any(o is out for o in outputs.get(n, ()))), None)
+        if tail is not None:
+            tails[child_name] = (tail, items)
     return LayerTrace([names for _, names in groups], tails)
 
 

@@ -174,8 +174,7 @@ class _Replay:
         for c in self._children:
             if c.tail is not None and c.record is None and self._done >= c.tail_group:
                 c.record = c.tail.register_forward_pre_hook(self._recorder(c))
-                self._patch(c)
-            if self._done > c.last_group:
+            if c.record is not None or self._done > c.last_group:
                 self._patch(c)
 
     def _recorder(self, c: _ReplayedChild) -> Callable[..., None]:
