@@ -27,9 +27,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from neuqi import data, evaluate, models, report
-from neuqi.packed import pack_model, quantized_linears, set_weight_cache
-from neuqi.pipeline import QuantConfig, quantize_model
+from neuqi import eval as evaluate
+from neuqi.eval import report
+from neuqi.formats.packed import pack_model, quantized_linears, set_weight_cache
+from neuqi.pipeline import QuantConfig, data, models, quantize_model
 
 log = logging.getLogger("compare")
 

@@ -18,7 +18,7 @@ import sys
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from neuqi import models
+from neuqi.pipeline import models
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,8 +33,8 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
-from neuqi.init import init_params, weighted_loss
-from neuqi.zero_point import exact_zero_point, optimal_zero_point
+from neuqi.quant.init import init_params, weighted_loss
+from neuqi.quant.zero_point import exact_zero_point, optimal_zero_point
 
 SHAPES = ("576x576", "1536x576", "576x1536", "4096x4096")
 SMOLLM2_LINEARS = {"576x576": "self_attn.q_proj", "1536x576": "mlp.gate_proj", "576x1536": "mlp.down_proj"}
@@ -72,7 +72,7 @@ def random_weight(out_features: int, in_features: int, seed: int = 0) -> torch.T
 def smollm2_linears(layers: list[int] | None, calib: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """{name: (weight, diag(XᵀX))} of the decoder linears of SmolLM2-135M-Instruct (``layers``; None = all)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from neuqi import data, models
+    from neuqi.pipeline import data, models
 
     model, tokenizer = models.load_model(None)
     tokens, _ = data.calibration_tokens(None, tokenizer, nsamples=calib, seqlen=512)

@@ -22,7 +22,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).parent))
 from init_solver import smollm2_linears  # noqa: E402
 
-from neuqi.init import init_params, weighted_loss  # noqa: E402
+from neuqi.quant.init import init_params, weighted_loss  # noqa: E402
 
 SETTINGS = [(4, 64), (3, 64), (2, 64), (3, -1), (2, -1)]
 

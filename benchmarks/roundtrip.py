@@ -31,10 +31,12 @@ import torch
 from torch import nn
 
 import neuqi
-from neuqi import data, evaluate, models, report
-from neuqi.checkpoint import WEIGHTS_NAME, size_report
-from neuqi.packed import pack_model
-from neuqi.pipeline import QuantConfig, quantize_model
+from neuqi import eval as evaluate
+from neuqi.eval import report
+from neuqi.eval.perplexity import corpus_ids
+from neuqi.formats.checkpoint import WEIGHTS_NAME, size_report
+from neuqi.formats.packed import pack_model
+from neuqi.pipeline import QuantConfig, data, models, quantize_model
 
 SETTINGS = {"w4g64": (4, 64), "w3g64": (3, 64), "w2g64": (2, 64), "w4g32": (4, 32), "w3g128": (3, 128)}
 
@@ -99,7 +101,7 @@ def checkpoint_row(setting: str, fp: nn.Module, tokenizer, calib: torch.Tensor, 
     from hqq.models.hf.base import AutoHQQHFModel
     from transformers import AutoModelForCausalLM
 
-    from neuqi.export import export_hqq
+    from neuqi.formats.exports import export_hqq
 
     bits, group_size = SETTINGS[setting]
     t = time.perf_counter()
@@ -130,7 +132,7 @@ def checkpoint_row(setting: str, fp: nn.Module, tokenizer, calib: torch.Tensor, 
 
 
 def gguf_row(fp: nn.Module, tokenizer, calib: torch.Tensor, args, tmp: Path) -> dict[str, Any]:
-    from neuqi.export import export_gguf_q4_1
+    from neuqi.formats.exports import export_gguf_q4_1
 
     threads = args.threads or torch.get_num_threads()
     t = time.perf_counter()
@@ -148,7 +150,7 @@ def gguf_row(fp: nn.Module, tokenizer, calib: torch.Tensor, args, tmp: Path) -> 
     path = tmp / "model-q4_1.gguf"
     row["max_code_error"] = export_gguf_q4_1(packed, path, tokenizer_gguf=models.demo_gguf_path())
     row["gguf_bytes"] = path.stat().st_size
-    ids = evaluate.corpus_ids(tokenizer, "wikitext2")
+    ids = corpus_ids(tokenizer, "wikitext2")
     row["ppl_llama_cpp"] = llama_cpp_ppl(path, ids, args.windows, threads)
     return row
 

@@ -8,8 +8,8 @@ import transformers as tf
 from tiny_models import BASE, TOKEN_IDS
 from torch import nn
 
-from neuqi import adapters
 from neuqi.errors import ModelError
+from neuqi.pipeline import adapters
 
 LLAMA_GROUPS = [
     ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],

@@ -4,8 +4,8 @@ import json
 import pytest
 import torch
 
-from neuqi import data
 from neuqi.errors import DataError
+from neuqi.pipeline import data
 
 
 class CharTokenizer:

@@ -10,13 +10,13 @@ import torch
 from tiny_models import tiny_causal_lm
 from torch import nn
 
-from neuqi import grid
-from neuqi.checkpoint import load, save_quantized
 from neuqi.commands.distill import disjoint_documents, distillation_windows, ngrams, overlapping_windows
 from neuqi.distill import DistillConfig, MasterWeights, distill, final_hidden
 from neuqi.errors import ConfigError
-from neuqi.grid import QParams
-from neuqi.packed import QuantLinear, pack_model, quantized_linears
+from neuqi.formats.checkpoint import load, save_quantized
+from neuqi.formats.packed import QuantLinear, pack_model, quantized_linears
+from neuqi.quant import grid
+from neuqi.quant.grid import QParams
 
 
 def cfg(**kwargs) -> DistillConfig:
@@ -334,7 +334,7 @@ def test_cli_end_to_end(pair, tmp_path) -> None:
     assert summary["calibration"] == calibration  # the quantization summary is carried over
     history = json.loads((out / "distill_history.json").read_text())
     assert len(history["loss"]) == 3 and (out / "distill_loss.png").stat().st_size > 0
-    from neuqi.checkpoint import read_quantization_config
+    from neuqi.formats.checkpoint import read_quantization_config
 
     assert read_quantization_config(out)["distillation"]["loss"] == "mse"
     distilled = load(out)

@@ -20,8 +20,8 @@ SEQLEN, WINDOWS = 512, 8
 def demo():
     from conftest import DATA_DIR
 
-    from neuqi.data import calibration_tokens
-    from neuqi.models import load_model
+    from neuqi.pipeline.data import calibration_tokens
+    from neuqi.pipeline.models import load_model
 
     if not DATA_DIR.is_dir():
         pytest.skip(f"evaluation data not found at {DATA_DIR}")
@@ -32,7 +32,7 @@ def demo():
 
 
 def _ppl(model, tokenizer) -> float:
-    from neuqi.evaluate import perplexity
+    from neuqi.eval import perplexity
 
     return perplexity(model, tokenizer, "wikitext2", seqlen=SEQLEN, max_windows=WINDOWS, progress=False)["ppl"]
 
@@ -63,7 +63,7 @@ def test_perplexity_ordering_w3g64(demo, quantized):
 
 def test_packed_checkpoint_round_trip(demo, quantized, tmp_path):
     import neuqi
-    from neuqi.packed import pack_model
+    from neuqi.formats.packed import pack_model
 
     _, tokenizer, _ = demo
     model, summary = quantized["neuqi"]
@@ -81,8 +81,8 @@ def test_checkpoint_size_bound_and_round_trip_w_g64(demo, tmp_path, bits):
     """The safetensors payload is at most (bits + 32/64)/16 of the fp16 decoder linears plus the other tensors
     in fp16; the header (tensor names, shapes, offsets) is a few tens of KB; reloading gives the same model."""
     import neuqi
-    from neuqi.checkpoint import WEIGHTS_NAME, size_report
-    from neuqi.packed import pack_model
+    from neuqi.formats.checkpoint import WEIGHTS_NAME, size_report
+    from neuqi.formats.packed import pack_model
     from neuqi.pipeline import QuantConfig, quantize_model
 
     fp, tokenizer, calib = demo

@@ -9,7 +9,8 @@ import torch
 from tiny_models import tiny_causal_lm
 
 from neuqi.errors import ConfigError, DataError
-from neuqi.evaluate import decoder_layers, evaluate_tasks, parse_tasks, perplexity
+from neuqi.eval import evaluate_tasks, parse_tasks, perplexity
+from neuqi.eval.perplexity import decoder_layers
 
 SEQLEN = 32
 

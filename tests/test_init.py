@@ -7,9 +7,9 @@ import torch
 
 import neuqi
 from neuqi.errors import ConfigError, WeightError
-from neuqi.grid import fake_quantize, to_storage
-from neuqi.init import _integer_loss, _neuqi_loss, available_init_methods, init_params, weighted_loss
-from neuqi.zero_point import SortedGroups
+from neuqi.quant.grid import fake_quantize, to_storage
+from neuqi.quant.init import _integer_loss, _neuqi_loss, available_init_methods, init_params, weighted_loss
+from neuqi.quant.zero_point import SortedGroups
 
 EXAMPLE = torch.tensor([[-1.0, -0.1, 0.0, 0.1, 0.3]])
 EXAMPLE_H = torch.full((5,), 0.2)

@@ -1,7 +1,7 @@
 import pytest
 
-from neuqi import models
 from neuqi.errors import ModelError
+from neuqi.pipeline import models
 
 
 def test_parse_dtype():

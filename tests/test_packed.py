@@ -11,11 +11,11 @@ from tiny_models import tiny_causal_lm
 from torch import nn
 
 import neuqi
-from neuqi import grid
-from neuqi.checkpoint import load, read_quantization_config, save_quantized, size_report
 from neuqi.errors import CheckpointError, ModelError
-from neuqi.grid import QParams
-from neuqi.packed import QuantLinear, dequantize_packed, pack_model, quantized_linears, set_weight_cache
+from neuqi.formats.checkpoint import load, read_quantization_config, save_quantized, size_report
+from neuqi.formats.packed import QuantLinear, dequantize_packed, pack_model, quantized_linears, set_weight_cache
+from neuqi.quant import grid
+from neuqi.quant.grid import QParams
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -189,7 +189,7 @@ def test_transformers_from_pretrained(tmp_path) -> None:
 
     model = packed_llama(bits=4, group_size=-1)
     save_quantized(model, tmp_path / "ck")
-    assert neuqi.hf.register()
+    assert neuqi.formats.hf.register()
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "ck", dtype=torch.float32)
     assert isinstance(hf.model.layers[0].self_attn.q_proj, QuantLinear)
     assert torch.equal(logits(hf), logits(model))

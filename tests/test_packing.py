@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from neuqi.errors import ConfigError
-from neuqi.packing import codes_per_unit, pack, packed_width, unpack
+from neuqi.formats.packing import codes_per_unit, pack, packed_width, unpack
 
 
 def reference_pack(row: list[int], bits: int) -> list[int]:

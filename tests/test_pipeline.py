@@ -9,10 +9,11 @@ import torch
 import transformers as tf
 from tiny_models import TOKEN_IDS, tiny_causal_lm
 
-from neuqi import grid, pipeline
+from neuqi import pipeline
 from neuqi.cli import main
 from neuqi.errors import ConfigError
-from neuqi.pipeline import QuantConfig, quantize_model
+from neuqi.pipeline import QuantConfig, quantize_model, walker
+from neuqi.quant import grid
 
 
 def _minmax(weight, bits, group_size=-1, method="minmax", hessian_diag=None, **_):
@@ -24,7 +25,7 @@ def _minmax(weight, bits, group_size=-1, method="minmax", hessian_diag=None, **_
 
 def _init_fn():
     try:
-        from neuqi.init import init_params
+        from neuqi.quant.init import init_params
     except ImportError:  # the initializer module is written separately; min-max stands in until it exists
         return _minmax
     return init_params
@@ -33,7 +34,7 @@ def _init_fn():
 @pytest.fixture
 def init_fn(monkeypatch):
     fn = _init_fn()
-    monkeypatch.setattr(pipeline, "_default_init", lambda: fn)
+    monkeypatch.setattr(walker, "_default_init", lambda: fn)
     return fn
 
 
@@ -84,7 +85,7 @@ def test_group_size_is_checked_before_any_work():
 
 
 def test_hessian_equals_direct_computation():
-    from neuqi import adapters
+    from neuqi.pipeline import adapters
 
     model = tiny_llama()
     ids = tokens()
@@ -96,11 +97,11 @@ def test_hessian_equals_direct_computation():
         handle = linear.register_forward_pre_hook(lambda m, a: seen.append(a[0]))  # noqa: B023
         with torch.no_grad():
             for hidden in hiddens:
-                pipeline._call(layer, hidden, calls[0])
+                walker._call(layer, hidden, calls[0])
         handle.remove()
         with torch.no_grad():
-            trace = adapters.trace_layer(layer, lambda: pipeline._call(layer, hiddens[0], calls[0]))
-            h, n = pipeline._hessian(layer, linear, hiddens, calls[0], pipeline._Replay(layer, trace))
+            trace = adapters.trace_layer(layer, lambda: walker._call(layer, hiddens[0], calls[0]))
+            h, n = walker._hessian(layer, linear, hiddens, calls[0], walker.Replay(layer, trace))
         x = torch.cat([t.reshape(-1, linear.in_features) for t in seen]).double()
         assert n == ids.numel() and h.dtype == torch.float64
         ref = x.T @ x / n  # each batch product is fp32, so allow fp32 rounding
@@ -112,12 +113,12 @@ def test_gram_of_bf16_activations_is_accurate_to_fp32():
     ref = x.double().T @ x.double()
     fp32 = x.float().T @ x.float()
     before = getattr(getattr(torch.backends.mkldnn, "matmul", None), "fp32_precision", None)
-    got = pipeline.gram(x)
+    got = walker.gram(x)
     assert got.dtype == torch.float32
     # bf16·bf16 products are exact in fp32: only the summation order differs from the fp32 product
     assert float((got.double() - ref).abs().max()) <= 4 * float((fp32.double() - ref).abs().max()) + 1e-3
     assert getattr(getattr(torch.backends.mkldnn, "matmul", None), "fp32_precision", None) == before
-    assert torch.equal(pipeline.gram(x.float()), fp32)
+    assert torch.equal(walker.gram(x.float()), fp32)
 
 
 @pytest.mark.parametrize("method, param_fit", [("ldlq", "static"), ("gptq", "dynamic"), ("rtn", "static")])
@@ -174,20 +175,20 @@ def test_replaying_final_parts_changes_nothing(init_fn, monkeypatch):
 
 
 def test_trace_finds_the_tail_linears():
-    from neuqi import adapters
+    from neuqi.pipeline import adapters
 
     model = tiny_llama()
     stack = adapters.find_stack(model)
     hiddens, calls = adapters.capture_inputs(model, stack, [tokens(2)])
     layer = stack.layers[0]
-    trace = adapters.trace_layer(layer, lambda: pipeline._call(layer, hiddens[0], calls[0]))
+    trace = adapters.trace_layer(layer, lambda: walker._call(layer, hiddens[0], calls[0]))
     assert trace.groups == [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
                             ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
     assert trace.tails == {"self_attn": ("self_attn.o_proj", 2), "mlp": ("mlp.down_proj", 0)}
 
 
 def test_rtn_with_minmax_needs_no_calibration(monkeypatch):
-    from neuqi.init import init_params
+    from neuqi.quant.init import init_params
 
     model, reference = tiny_llama(), tiny_llama()
     forwards = []
@@ -200,14 +201,14 @@ def test_rtn_with_minmax_needs_no_calibration(monkeypatch):
         scale, zero = grid.to_storage(*init_params(w0, 3, 16, method="minmax"))
         assert torch.equal(qp.scale, scale) and torch.equal(qp.zero_point, zero)
         assert torch.equal(model.get_submodule(name).weight, grid.fake_quantize(w0, scale, zero, 3, 16))
-    assert pipeline.needs_calibration(QuantConfig(method="rtn", init="neuqi"))  # NeUQI reads diag(H)
-    assert pipeline.needs_calibration(QuantConfig(method="ldlq", init="minmax"))
+    assert walker.needs_calibration(QuantConfig(method="rtn", init="neuqi"))  # NeUQI reads diag(H)
+    assert walker.needs_calibration(QuantConfig(method="ldlq", init="minmax"))
 
 
 def test_bf16_model_is_quantized_in_place(init_fn):
     model = tiny_llama(torch.bfloat16)
     summary = quantize_model(model, tokens(), QuantConfig(group_size=32, init="minmax"), progress=False)
-    from neuqi.packed import pack_model
+    from neuqi.formats.packed import pack_model
 
     pack_model(model, summary["qparams"])  # exact: the bf16 weights are on the fp16-parameter grid
 

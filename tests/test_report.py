@@ -8,7 +8,7 @@ import pytest
 
 from neuqi.cli import main
 from neuqi.errors import DataError
-from neuqi.report import load_results, markdown_table, new_result, write_report, write_result
+from neuqi.eval.report import load_results, markdown_table, new_result, write_report, write_result
 
 
 def fake_results(tmp_path):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from neuqi import grid, solvers
 from neuqi.errors import ConfigError, NumericalError
+from neuqi.quant import grid, solvers
 
 BITS = 3
 

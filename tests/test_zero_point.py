@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from neuqi.zero_point import (
+from neuqi.quant.zero_point import (
     SortedGroups,
     exact_zero_point,
     integer_zero_point,

@@ -6,7 +6,8 @@ import pytest
 from test_evaluate import byte_tokenizer, tiny_model
 
 from neuqi.errors import ConfigError
-from neuqi.evaluate import AVERAGE_METRIC, ZERO_SHOT_TASKS, evaluate_tasks, zero_shot, zero_shot_task_dir
+from neuqi.eval import AVERAGE_METRIC, ZERO_SHOT_TASKS, evaluate_tasks, zero_shot
+from neuqi.eval.zero_shot import zero_shot_task_dir
 
 
 @pytest.fixture(autouse=True)

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 # eager, not lazy: the function `distill` shares its name with the submodule, which would otherwise shadow it
 from .distill import DistillConfig, distill
-from .grid import QParams, dequantize, fake_quantize, quantize
-from .hf import register_on_import as _register_on_import
-from .init import available_init_methods, init_params
+from .formats.hf import register_on_import as _register_on_import
 from .pipeline import QuantConfig, quantize_model
+from .quant.grid import QParams, dequantize, fake_quantize, quantize
+from .quant.init import available_init_methods, init_params
 
 __version__ = "0.1.0"
 
@@ -34,7 +34,7 @@ _register_on_import()
 
 def __getattr__(name: str):  # lazy: neuqi.load etc. without importing the checkpoint code up front
     if name in _CHECKPOINT_API:
-        from . import checkpoint
+        from .formats import checkpoint
 
         return getattr(checkpoint, name)
     raise AttributeError(f"module 'neuqi' has no attribute {name!r}")

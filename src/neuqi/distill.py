@@ -42,10 +42,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from . import grid
 from .errors import ConfigError, ModelError
-from .evaluate import decoder_layers
-from .packed import QuantLinear, _set_submodule, quantized_linears
+from .eval.perplexity import decoder_layers
+from .formats.packed import QuantLinear, _set_submodule, quantized_linears
+from .quant import grid
 
 log = logging.getLogger(__name__)
 

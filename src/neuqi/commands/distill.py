@@ -105,7 +105,7 @@ def distillation_windows(tokenizer, source: str, nsamples: int, seqlen: int, see
     ``calibration``: ``{"origin", "windows", "seqlen", "seed"}`` from the checkpoint summary, or None (no
     exclusion possible).
     """
-    from ..data import load_documents, sample_windows
+    from ..pipeline.data import load_documents, sample_windows
 
     docs = load_documents(source, "train")
     info: dict[str, Any] = {"source": source, "windows": nsamples, "seqlen": seqlen, "seed": seed,
@@ -143,8 +143,8 @@ def read_summary(checkpoint: str | os.PathLike) -> dict[str, Any]:
 
 def _config(args: argparse.Namespace):
     """Validate every option before anything is loaded; returns the DistillConfig."""
-    from ..data import NAMED_SOURCES
     from ..distill import DistillConfig
+    from ..pipeline.data import NAMED_SOURCES
 
     if args.eval_ppl < 0:
         raise ConfigError("--eval-ppl must be >= 0")
@@ -201,11 +201,11 @@ def plot_history(history: dict[str, Any], path: Path) -> bool:
 
 def run(args: argparse.Namespace) -> int:
     config = _config(args)
-    from ..checkpoint import atomic_output_dir, load, load_tokenizer, read_quantization_config, save_quantized
     from ..distill import distill
-    from ..evaluate import default_device, perplexity
-    from ..models import load_model, parse_dtype
-    from ..packed import set_weight_cache
+    from ..eval import default_device, perplexity
+    from ..formats.checkpoint import atomic_output_dir, load, load_tokenizer, read_quantization_config, save_quantized
+    from ..formats.packed import set_weight_cache
+    from ..pipeline.models import load_model, parse_dtype
 
     device = torch.device(args.device) if args.device else default_device()
     out = Path(args.out or f"{str(args.checkpoint).rstrip('/')}-distill-{config.loss}")

@@ -41,11 +41,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _quant_fields(target: str, model) -> dict[str, Any]:
     """method/init/bits/group_size/bits_per_weight from a neuqi checkpoint; ``{"method": "fp"}`` otherwise."""
-    from ..models import is_neuqi_checkpoint
+    from ..pipeline.models import is_neuqi_checkpoint
 
     if not is_neuqi_checkpoint(target):
         return {"method": "fp"}
-    from ..checkpoint import read_quantization_config, size_report
+    from ..formats.checkpoint import read_quantization_config, size_report
 
     qc = read_quantization_config(target)
     fields = {"method": qc.get("method") or qc.get("solver") or "neuqi", "init": qc.get("init"),
@@ -65,9 +65,9 @@ def _print_table(metrics: dict[str, float]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..evaluate import default_device, evaluate_tasks, fits_on_device, parse_tasks
-    from ..models import load_model
-    from ..report import new_result, write_result
+    from ..eval import default_device, evaluate_tasks, fits_on_device, parse_tasks
+    from ..eval.report import new_result, write_result
+    from ..pipeline.models import load_model
 
     tasks = parse_tasks(args.tasks)  # unknown tasks fail here, before the model loads
     device = args.device or str(default_device())

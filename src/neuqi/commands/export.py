@@ -49,9 +49,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from .. import export
-    from ..checkpoint import load, load_tokenizer
     from ..errors import CheckpointError
+    from ..formats import exports as export
+    from ..formats.checkpoint import load, load_tokenizer
 
     model = load(args.checkpoint)
     try:

@@ -126,9 +126,9 @@ def _device(name: str | None) -> torch.device:
 
 def _settings(args: argparse.Namespace):
     """Validate every option before anything is loaded; returns (config, nsamples, seqlen, device, out)."""
-    from ..data import NAMED_SOURCES
-    from ..models import parse_dtype
     from ..pipeline import QuantConfig
+    from ..pipeline.data import NAMED_SOURCES
+    from ..pipeline.models import parse_dtype
 
     defaults = DEMO if args.model in (None, "smollm2") else PAPER
     config = QuantConfig(
@@ -164,11 +164,11 @@ def _settings(args: argparse.Namespace):
 
 
 def _save(model, tokenizer, out: Path, summary: dict[str, Any], fmt: str, qparams, overwrite: bool) -> None:
-    from ..checkpoint import atomic_output_dir, save_quantized
+    from ..formats.checkpoint import atomic_output_dir, save_quantized
 
     with atomic_output_dir(out, overwrite) as tmp:
         if fmt == "packed":
-            from ..packed import pack_model
+            from ..formats.packed import pack_model
 
             pack_model(model, qparams)
             extra = {k: v for k, v in summary["config"].items() if k not in ("bits", "group_size")}
@@ -185,9 +185,9 @@ def run(args: argparse.Namespace) -> int:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the demo needs nothing from the network
     config, nsamples, seqlen, device, out = _settings(args)
 
-    from ..data import calibration_tokens
-    from ..models import load_model
     from ..pipeline import quantize_model
+    from ..pipeline.data import calibration_tokens
+    from ..pipeline.models import load_model
 
     t0 = time.perf_counter()
     model, tokenizer = load_model(args.model, dtype=args.dtype, device="cpu")
@@ -203,7 +203,7 @@ def run(args: argparse.Namespace) -> int:
     summary["calibration"].update(origin=origin, seed=args.seed)
     summary["timings"]["load_s"] = round(t_load, 3)
     if args.eval_ppl:
-        from ..evaluate import perplexity
+        from ..eval import perplexity
 
         summary["eval"] = perplexity(
             model,

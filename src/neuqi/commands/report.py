@@ -19,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..report import load_results, write_report
+    from ..eval.report import load_results, write_report
 
     results = load_results(args.results)
     paths = write_report(results, args.out, title=args.title)

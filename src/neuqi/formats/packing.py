@@ -19,8 +19,8 @@ from math import gcd
 
 import torch
 
-from .errors import ConfigError
-from .grid import check_bits
+from ..errors import ConfigError
+from ..quant.grid import check_bits
 
 
 def codes_per_unit(bits: int) -> int:

@@ -35,7 +35,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .errors import DataError
+from ..errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def machine_info() -> dict[str, Any]:
 
 def new_result(model: str, metrics: dict[str, float], **fields: Any) -> dict[str, Any]:
     """A result record in the schema above (``fields``: method, init, bits, settings, details, ...)."""
-    from . import __version__
+    from .. import __version__
 
     head = {k: fields.pop(k) for k in _HEAD_KEYS if k in fields}
     details = {k: fields.pop(k) for k in ("details", "notes") if k in fields}
@@ -148,7 +148,7 @@ def _sort_key(r: dict[str, Any]) -> tuple:
 
 def markdown_table(results: Sequence[dict[str, Any]]) -> str:
     """Markdown: one row per result (method × setting); columns only for values present in some result."""
-    from .evaluate import AVERAGE_METRIC
+    from .zero_shot import AVERAGE_METRIC
 
     cols: list[tuple[str, str, Any]] = [
         ("Method", "", method_label),
@@ -243,7 +243,7 @@ def write_report(results: Sequence[dict[str, Any]], out_dir: str | os.PathLike, 
                  ) -> dict[str, Path | None]:
     """Write ``report.md`` (tables) and ``ppl_vs_bpw.png`` into ``out_dir``; returns their paths (png None if
     there was nothing to plot)."""
-    from .evaluate import AVERAGE_METRIC
+    from .zero_shot import AVERAGE_METRIC
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

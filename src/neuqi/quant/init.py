@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import torch
 
-from .errors import ConfigError, WeightError
+from ..errors import ConfigError, WeightError
 from .grid import MIN_SCALE, check_bits, check_finite, max_code, resolve_group_size
 from .zero_point import SortedGroups, integer_zero_point
 

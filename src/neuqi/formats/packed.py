@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import grid
-from .errors import ModelError
-from .grid import QParams
+from ..errors import ModelError
+from ..quant import grid
+from ..quant.grid import QParams
 from .packing import pack, packed_width, unpack
 
 
@@ -233,6 +233,11 @@ def quantized_linears(model: nn.Module) -> Iterator[tuple[str, QuantLinear]]:
     for name, module in model.named_modules():
         if isinstance(module, QuantLinear):
             yield name, module
+
+
+def quantized_tensor_keys(model: nn.Module) -> dict[str, QuantLinear]:
+    """{state-dict key of every packed tensor (``qweight``, ``scales``, ``zeros``): its QuantLinear}."""
+    return {f"{name}.{s}": layer for name, layer in quantized_linears(model) for s in ("qweight", "scales", "zeros")}
 
 
 def set_weight_cache(model: nn.Module, enabled: bool) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import ModelError
+from ..errors import ModelError
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ def load_model(target: str | None = None, dtype: str | torch.dtype | None = "flo
             raise ModelError(f"GGUF file not found: {target}")
         model, tokenizer = _load_gguf(path, torch_dtype)
     elif target is not None and is_neuqi_checkpoint(target):
-        from .checkpoint import load  # packed low-bit checkpoint
+        from ..formats.checkpoint import load  # packed low-bit checkpoint
 
         model = load(target, device=device, dtype=torch_dtype)
         tokenizer = AutoTokenizer.from_pretrained(target)

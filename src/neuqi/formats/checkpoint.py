@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError
 from .packed import QuantLinear, _set_submodule, quantized_linears
 
 log = logging.getLogger(__name__)

@@ -31,8 +31,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import ConfigError, NumericalError
 from . import grid
-from .errors import ConfigError, NumericalError
 
 # fit(weight (out, k·g) current values of k whole groups in original column order, group ids (k,))
 #   -> (scale, zero_point), each (out, k), already rounded to storage

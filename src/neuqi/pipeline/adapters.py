@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ModelError
+from ..errors import ModelError
 
 LayerCall = tuple[tuple[Any, ...], dict[str, Any]]  # positional args after the hidden states, keyword args
 

@@ -18,230 +18,32 @@ The forward passes run in the model's dtype; quantization math in fp32 on an fp3
 from __future__ import annotations
 
 import logging
-import math
 import resource
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
 from torch import nn
 
-from . import adapters, grid, solvers
-from .errors import ConfigError, ModelError
-from .grid import QParams
+from ..errors import ConfigError, ModelError
+from ..quant import grid, solvers
+from ..quant.grid import QParams
+from . import adapters
+from .config import QuantConfig, needs_calibration
+from .replay import Replay
 
 log = logging.getLogger(__name__)
-
-PARAM_FITS = ("static", "dynamic")
-CONFIG_VERSION = 1
 
 InitFn = Callable[
     ..., tuple[torch.Tensor, torch.Tensor]
 ]  # init_params(weight, bits, group_size, method, ...)
-
-
-@dataclass(frozen=True)
-class QuantConfig:
-    """What to quantize and how; plain data, validated on construction, JSON round-trip via
-    to_dict/from_dict."""
-
-    bits: int = field(default=3, metadata={"help": "bits per weight, 2..8"})
-    group_size: int = field(
-        default=128, metadata={"help": "input columns per (scale, zero-point); -1: per row"}
-    )
-    method: str = field(default="ldlq", metadata={"help": "rounding solver: rtn | gptq | ldlq"})
-    init: str = field(default="neuqi", metadata={"help": "parameter initializer: minmax | neuqi_int | neuqi"})
-    act_order: bool = field(default=True, metadata={"help": "process columns by decreasing diag(H)"})
-    damping: float = field(default=0.01, metadata={"help": "λ = damping·mean(diag H) added to H"})
-    block_size: int = field(default=128, metadata={"help": "solver block size (lazy updates)"})
-    param_fit: str = field(
-        default="static",
-        metadata={
-            "help": "static: fit (s, Z) on the original W; dynamic: when the solver "
-            "reaches the group, on the error-updated W"
-        },
-    )
-    batch_size: int = field(default=4, metadata={"help": "calibration windows per layer forward"})
-    init_options: dict[str, Any] = field(default_factory=dict, metadata={"help": "extra initializer options"})
-    version: int = CONFIG_VERSION
-
-    def __post_init__(self) -> None:
-        grid.check_bits(self.bits)
-        if (
-            isinstance(self.group_size, bool)
-            or not isinstance(self.group_size, int)
-            or (self.group_size != -1 and self.group_size <= 0)
-        ):
-            raise ConfigError(
-                f"group_size must be a positive integer or -1 (per row), got {self.group_size!r}"
-            )
-        solvers.get_solver(self.method)
-        if self.init not in _init_methods():
-            raise ConfigError(f"unknown init {self.init!r}; choose one of {_init_methods()}")
-        if self.param_fit not in PARAM_FITS:
-            raise ConfigError(f"unknown param_fit {self.param_fit!r}; choose one of {list(PARAM_FITS)}")
-        if not (isinstance(self.damping, (int, float)) and math.isfinite(self.damping) and self.damping >= 0):
-            raise ConfigError(f"damping must be a finite number >= 0, got {self.damping!r}")
-        for name in ("block_size", "batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        if not isinstance(self.init_options, dict) or not all(isinstance(k, str) for k in self.init_options):
-            raise ConfigError("init_options must be a dict with string keys")
-        if self.version != CONFIG_VERSION:
-            raise ConfigError(
-                f"QuantConfig version {self.version} is not supported (this is {CONFIG_VERSION})"
-            )
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> QuantConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown QuantConfig keys {unknown}; known: {sorted(known)}")
-        return cls(**data)
-
-    def short_name(self) -> str:
-        g = "c" if self.group_size == -1 else str(self.group_size)
-        return f"w{self.bits}g{g}-{self.init.replace('_', '-')}-{self.method}"
-
-
-def _init_methods() -> list[str]:
-    from .init import available_init_methods
-
-    return available_init_methods()
-
-
 class _GroupInputSeen(Exception):
     """Stops a layer's forward once the linear group's input was accumulated; caught only in ``_hessian``."""
 
 
-def needs_calibration(config: QuantConfig) -> bool:
-    """False for RTN with an initializer that ignores the Hessian: nothing then depends on the calibration
-    activations."""
-    from .init import uses_hessian
-
-    return config.method != "rtn" or uses_hessian(config.init)
-
-
-class _Replay:
-    """Skips recomputing the parts of a layer whose inputs no longer change; results are bit-identical.
-
-    Groups are quantized in execution order. Before the calibration pass for group t, groups 0..t−1 are final, so:
-    * a child (the attention, the MLP) whose output is its tail linear's output (``adapters.trace_layer``): the
-      tail's input for batch j is final once the groups before the tail's group are; it is recorded the next time
-      the tail runs, and from then on the child is computed as tail(recorded input), skipping e.g. the attention
-      core or the MLP's up projections;
-    * any child: once the groups holding its linears are all final, its output for batch j is recorded the next
-      time it runs and replayed after that.
-    ``set_batch(j)`` must be called before running batch j; ``group_done()`` after each group is quantized.
-    The recorded activations cost memory (for Llama, up to the MLP's intermediate width per calibration token);
-    ``enabled=False`` recomputes everything instead.
-    """
-
-    def __init__(self, layer: nn.Module, trace: adapters.LayerTrace, enabled: bool = True) -> None:
-        self.batch = 0
-        self._done = 0
-        self.enabled = enabled
-        group_of = {name: i for i, group in enumerate(trace.groups) for name in group}
-        self._children: list[_ReplayedChild] = []
-        for name, child in layer.named_children():
-            used = [group_of[f"{name}.{n}"] for n, m in child.named_modules() if f"{name}.{n}" in group_of]
-            if used and not isinstance(child, nn.Linear):
-                tail, items = trace.tails.get(name, (None, 0))
-                self._children.append(_ReplayedChild(
-                    child, max(used), None if tail is None else layer.get_submodule(tail),
-                    group_of.get(tail, -1), items,
-                ))
-        self._calls: dict[int, int] = {}
-        self._update()
-
-    def set_batch(self, j: int) -> None:
-        self.batch, self._calls = j, {}
-
-    def group_done(self) -> None:
-        self._done += 1
-        self._update()
-
-    def _update(self) -> None:
-        if not self.enabled:
-            return
-        for c in self._children:
-            if c.tail is not None and c.record is None and self._done >= c.tail_group:
-                c.record = c.tail.register_forward_pre_hook(self._recorder(c))
-            if c.record is not None or self._done > c.last_group:
-                self._patch(c)
-
-    def _recorder(self, c: _ReplayedChild) -> Callable[..., None]:
-        def record(_module: nn.Module, args: tuple) -> None:
-            if self.batch not in c.inputs:
-                c.inputs[self.batch] = args[0].clone()
-
-        return record
-
-    def _patch(self, c: _ReplayedChild) -> None:
-        if c.patched:
-            return
-        original = c.module.forward
-
-        def forward(*args: Any, **kwargs: Any) -> Any:
-            n = self._calls[id(c)] = self._calls.get(id(c), -1) + 1
-            key = (self.batch, n)  # a child called twice per layer forward is keyed per call
-            if key in c.outputs:
-                return _clone(c.outputs[key])
-            if n == 0 and self.batch in c.inputs:
-                x = c.inputs[self.batch] if self._done <= c.last_group else c.inputs.pop(self.batch)  # last use
-                out = c.tail(x)
-                out = (out, *[None] * (c.items - 1)) if c.items else out
-            else:
-                out = original(*args, **kwargs)
-            if self._done > c.last_group:
-                c.outputs[key] = out
-                return _clone(out)
-            return out
-
-        c.module.forward = forward
-        c.patched = True
-
-    def close(self) -> None:
-        for c in self._children:
-            if c.patched:
-                del c.module.forward  # the instance attribute; the class's forward shows again
-            if c.record is not None:
-                c.record.remove()
-        self._children.clear()
-
-
-@dataclass
-class _ReplayedChild:
-    module: nn.Module
-    last_group: int  # index of the last group holding one of its linears
-    tail: nn.Module | None  # the linear whose output is the child's output
-    tail_group: int
-    items: int  # the child returns (tail output, None, ...) of this length; 0: the bare tensor
-    inputs: dict[int, torch.Tensor] = field(default_factory=dict)  # batch -> the tail's final input
-    outputs: dict[tuple[int, int], Any] = field(default_factory=dict)  # (batch, call) -> final output
-    record: Any = None  # the recording hook's handle
-    patched: bool = False
-
-
-def _clone(out: Any) -> Any:
-    """A copy of a module output (tensors in tuples/lists), so that in-place edits by the caller cannot reach
-    the stored one."""
-    if isinstance(out, torch.Tensor):
-        return out.clone()
-    if isinstance(out, (tuple, list)):
-        return type(out)(_clone(x) for x in out)
-    return out
-
-
 def _default_init() -> InitFn:
-    from .init import init_params
+    from ..quant.init import init_params
 
     return init_params
 
@@ -273,7 +75,7 @@ def _hessian(
     linear: nn.Linear,
     hiddens: list[torch.Tensor],
     call: adapters.LayerCall,
-    replay: _Replay,
+    replay: Replay,
 ) -> tuple[torch.Tensor, int]:
     """(H = XᵀX / n_tokens (in, in) fp64, n_tokens) of the input X of ``linear`` over all batches."""
     acc = torch.zeros(
@@ -395,7 +197,7 @@ def _quantize_layer(
 ) -> list[torch.Tensor]:
     """Quantize one layer group by group (appending to ``records`` and ``qparams``); returns its outputs."""
     trace = adapters.trace_layer(layer, lambda: _call(layer, hiddens[0][:1], call))
-    replay = _Replay(layer, trace, replay_activations)
+    replay = Replay(layer, trace, replay_activations)
     try:
         for group in trace.groups:
             hessian, n_tokens = _hessian(layer, modules[group[0]], hiddens, call, replay)
@@ -438,7 +240,7 @@ def quantize_model(
     ``device``: where each layer is computed (default: where the model is); only one layer is there at a time.
     ``init_fn``: the parameter initializer (default ``neuqi.init.init_params``).
     ``replay_activations``: keep the inputs and outputs of a layer's finished sub-blocks to skip recomputing them
-    (same result, about half the forward work; False saves that memory, see ``_Replay``).
+    (same result, about half the forward work; False saves that memory, see ``Replay``).
     Returns a summary: ``config``, per-linear ``records`` {name, shape, init_loss, loss_before, loss, damping,
     seconds, init_seconds, tokens}, ``totals``, ``timings``, ``memory``, and ``qparams`` {qualified name:
     QParams} for ``neuqi.packed.pack_model``.

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import ConfigError, WeightError
+from ..errors import ConfigError, WeightError
 
 MIN_BITS, MAX_BITS = 2, 8
 # Smallest scale we store: the smallest positive *normal* fp16 number, so s survives the fp16 round trip exactly.

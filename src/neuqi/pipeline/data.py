@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import DataError
+from ..errors import DataError
 
 log = logging.getLogger(__name__)
 
