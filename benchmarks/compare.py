@@ -34,15 +34,23 @@ from neuqi.pipeline import QuantConfig, data, models, quantize_model
 
 log = logging.getLogger("compare")
 
-SETTINGS = {"w4g64": (4, 64), "w3g64": (3, 64), "w2g64": (2, 64), "w3c": (3, -1), "w2c": (2, -1)}
+SETTINGS = {"w4g64": (4, 64), "w3g64": (3, 64), "w2g64": (2, 64), "w3c": (3, -1), "w2c": (2, -1),
+            "bpw2.5": (2.5, None), "bpw3.5": (3.5, None)}
+# "bpwB" settings: mixed precision at B average bits per weight (QuantConfig.bpw); the quantized rows then use the
+# plan chosen with the output-Fisher weighted losses, "neuqi_layer" the plan chosen with raw layer losses.
 # row -> (solver, initializer, initializer options); "fp", "hqq" and "distill" are handled apart.
 # NeUQI_int searches NeUQI's 96 coarse-to-fine candidate scales instead of the paper's 2048: within 0.3 % of the full
 # grid's loss on SmolLM2 and 10-14x cheaper (benchmarks/int_search.py), so the whole table fits on a CPU (see README).
 QUANT_ROWS = {"rtn": ("rtn", "minmax", {}), "gptq": ("ldlq", "minmax", {}),
-              "neuqi_int": ("ldlq", "neuqi_int", {"search": "coarse_to_fine"}), "neuqi": ("ldlq", "neuqi", {})}
+              "gptq_dynamic": ("ldlq", "minmax", {}),
+              "neuqi_int": ("ldlq", "neuqi_int", {"search": "coarse_to_fine"}), "neuqi": ("ldlq", "neuqi", {}),
+              "neuqi_layer": ("ldlq", "neuqi", {})}
+PARAM_FIT = {"gptq_dynamic": "dynamic"}  # rows whose (s, Z) are fitted when LDLQ reaches the group
+WEIGHTING = {"neuqi_layer": "layer"}  # mixed-precision rows planned with raw layer losses (default: "fisher")
 ROWS = ("fp", *QUANT_ROWS, "distill", "hqq")
-LABELS = {"fp": "FP", "rtn": "RTN", "gptq": "GPTQ (Min-Max + LDLQ)", "neuqi_int": "NeUQI_int + LDLQ",
-          "neuqi": "NeUQI + LDLQ", "distill": "NeUQI + LDLQ + distill", "hqq": "HQQ"}
+LABELS = {"fp": "FP", "rtn": "RTN", "gptq": "GPTQ (Min-Max + LDLQ)", "gptq_dynamic": "GPTQ, dynamic Min-Max",
+          "neuqi_int": "NeUQI_int + LDLQ", "neuqi": "NeUQI + LDLQ", "neuqi_layer": "NeUQI + LDLQ, raw-loss plan",
+          "distill": "NeUQI + LDLQ + distill", "hqq": "HQQ"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -67,6 +75,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--report-only", action="store_true",
                    help="only rebuild the report, plot and tables from the JSON files in --out")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sens-windows", type=int, default=8, help="calibration windows for the bpw sensitivities")
+    p.add_argument("--sens-rows", type=int, default=64, help="rows per linear for the bpw candidate losses")
     args = p.parse_args(argv)
     for name, valid, value in (("settings", SETTINGS, args.settings), ("methods", ROWS, args.methods)):
         bad = [v for v in value.split(",") if v not in valid]
@@ -121,7 +131,7 @@ def evaluate_model(model: nn.Module, tokenizer, args: argparse.Namespace) -> dic
 
 def distill_windows(tokenizer, calib: torch.Tensor, args: argparse.Namespace) -> torch.Tensor:
     """Distillation windows from C4 documents that share no text with the calibration windows."""
-    from neuqi.commands.distill import disjoint_documents
+    from neuqi.pipeline.data import disjoint_documents
 
     docs = disjoint_documents(data.load_documents(args.calib, "train"), tokenizer, calib)
     return data.sample_windows(docs, tokenizer, args.distill_samples, args.distill_seqlen, seed=args.seed + 1)
@@ -130,9 +140,11 @@ def distill_windows(tokenizer, calib: torch.Tensor, args: argparse.Namespace) ->
 def run_row(row: str, setting: str, fp: nn.Module, tokenizer, calib: torch.Tensor, args: argparse.Namespace,
             cache: dict[str, nn.Module]) -> dict[str, Any]:
     bits, group_size = SETTINGS[setting]
-    fields: dict[str, Any] = {"method": row, "label": LABELS[row], "bits": bits, "group_size": group_size,
-                              "setting": setting}
+    fields: dict[str, Any] = {"method": row, "label": LABELS[row], "bits": bits,
+                              "group_size": "mixed" if group_size is None else group_size, "setting": setting}
     if row == "hqq":
+        if group_size is None:
+            raise RuntimeError("the hqq row has no mixed-precision (bpw) setting")
         model = copy.deepcopy(fp)
         fields["quant_seconds"] = round(hqq_quantize_(model, bits, group_size), 1)
         fields["init"] = "hqq"
@@ -151,21 +163,108 @@ def run_row(row: str, setting: str, fp: nn.Module, tokenizer, calib: torch.Tenso
                       distill={"loss": args.distill_loss, "windows": tokens.shape[0], "seqlen": tokens.shape[1],
                                "first_loss": history.loss[0], "last_loss": history.loss[-1]})
     else:
-        solver, init, options = QUANT_ROWS[row]
-        model = copy.deepcopy(fp)
-        config = QuantConfig(bits=bits, group_size=group_size, method=solver, init=init, init_options=options)
-        summary = quantize_model(model, calib, config, device=args.device)
-        pack_model(model, summary["qparams"])
-        set_weight_cache(model, True)  # dequantize once, not at every evaluation forward
-        fields.update(init=init, init_options=options, solver=solver, quant_seconds=summary["timings"]["total_s"],
-                      layer_loss=summary["totals"]["loss"], init_loss=summary["totals"]["init_loss"])
+        model, extra = quantize_row(row, setting, fp, calib, args, cache)
+        fields.update(extra)
         if row == "neuqi" and "distill" in args.methods.split(","):
             cache[f"{setting}/neuqi"] = model
-    fields["bits_per_weight"] = round(model_bits_per_weight(fp, bits, group_size), 4)
+    if group_size is None:  # mixed precision: the planned formats, counted exactly
+        plan = cache[f"{setting}/plan/{WEIGHTING.get(row, 'fisher')}"]
+        fields["bits_per_weight"] = round(planned_bits_per_weight(fp, plan), 4)
+    else:
+        fields["bits_per_weight"] = round(model_bits_per_weight(fp, bits, group_size), 4)
     if any(True for _ in quantized_linears(model)):
         fields["packed_linears"] = sum(1 for _ in quantized_linears(model))
     fields["metrics"], fields["eval_seconds"] = _timed_eval(model, tokenizer, args)
     return fields
+
+
+def quantize_row(row: str, setting: str, fp: nn.Module, calib: torch.Tensor, args: argparse.Namespace,
+                 cache: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
+    """A packed copy of ``fp`` quantized as ``row`` at ``setting`` and the row's JSON fields. Under a ``bpwB``
+    setting the plan comes from the sensitivities, measured once per run (cached) and saved beside the rows."""
+    bits, group_size = SETTINGS[setting]
+    solver, init, options = QUANT_ROWS[row]
+    common = dict(solver=solver, init=init, init_options=options, param_fit=PARAM_FIT.get(row, "static"))
+    fields: dict[str, Any] = {"init": init, "init_options": options, "solver": solver,
+                              "param_fit": common["param_fit"]}
+    plan_seconds = 0.0
+    if group_size is None:
+        config, report = plan_row(row, setting, fp, calib, args, cache, common)
+        plan_seconds = report["seconds_charged"]
+        fields["plan"] = report
+    else:
+        config = QuantConfig(bits=bits, group_size=group_size, **common)
+    model = copy.deepcopy(fp)
+    summary = quantize_model(model, calib, config, device=args.device)
+    pack_model(model, summary.qparams)
+    set_weight_cache(model, True)  # dequantize once, not at every evaluation forward
+    fields.update(quant_seconds=round(summary.timings["total_s"] + plan_seconds, 1),
+                  layer_loss=summary.totals["loss"], init_loss=summary.totals["init_loss"])
+    return model, fields
+
+
+def plan_row(row: str, setting: str, fp: nn.Module, calib: torch.Tensor, args: argparse.Namespace,
+             cache: dict[str, Any], common: dict[str, Any]) -> tuple[QuantConfig, dict[str, Any]]:
+    """The mixed-precision config of ``row`` at ``setting`` (bpw) and its plan report; the sensitivity
+    measurement (the same for every budget and weighting) is charged to the first row that needs it."""
+    from neuqi.pipeline import sensitivity
+
+    bpw = SETTINGS[setting][0]
+    charged = 0.0
+    path = Path(args.out) / f"{Path(args.model).name}-sensitivity.json"
+    if "sensitivity" not in cache and path.exists() and not args.redo:
+        cache["sensitivity"] = load_sensitivity(path)
+        charged = cache["sensitivity"].info["seconds"]
+        log.info("sensitivities from %s (measured in %.0f s)", path, charged)
+    elif "sensitivity" not in cache:
+        sens = sensitivity.measure_sensitivity(fp, calib, QuantConfig(**common), args.device, args.sens_windows,
+                                               args.sens_rows)
+        cache["sensitivity"] = sens
+        charged = sens.info["seconds"]
+        save_sensitivity(sens, path)
+    weighting = WEIGHTING.get(row, "fisher")
+    plan, report = sensitivity.plan_from_sensitivity(cache["sensitivity"], bpw, weighting)
+    cache[f"{setting}/plan/{weighting}"] = plan
+    report.update(seconds_charged=charged, formats=plan_counts(plan))
+    print(sensitivity.plan_table(plan, cache["sensitivity"].shapes))
+    return QuantConfig(bpw=bpw, plan=plan, **common), report
+
+
+def save_sensitivity(sens, path: Path) -> None:
+    """The candidate losses as JSON: {weighting: {linear: {"bits,group": loss}}}, with shapes and info."""
+    losses = {w: {n: {f"{k},{g}": v for (k, g), v in d.items()} for n, d in by.items()}
+              for w, by in sens.losses.items()}
+    path.write_text(json.dumps({"info": sens.info, "shapes": sens.shapes, "losses": losses}, indent=1))
+
+
+def load_sensitivity(path: Path):
+    """Inverse of ``save_sensitivity``."""
+    from neuqi.pipeline.sensitivity import Sensitivity
+
+    data = json.loads(path.read_text())
+    losses = {w: {n: {tuple(int(x) for x in k.split(",")): v for k, v in d.items()} for n, d in by.items()}
+              for w, by in data["losses"].items()}
+    return Sensitivity(losses, {n: tuple(s) for n, s in data["shapes"].items()}, data["info"])
+
+
+def plan_counts(plan: dict[str, list[int]]) -> dict[str, int]:
+    """How many linears use each format, e.g. {"w2g64": 120, "w4c": 3}."""
+    counts: dict[str, int] = {}
+    for bits, group in plan.values():
+        key = f"w{bits}{'c' if group == -1 else f'g{group}'}"
+        counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def planned_bits_per_weight(model: nn.Module, plan: dict[str, list[int]]) -> float:
+    """Average bits per weight of the planned formats over the quantized linears, weighted by size."""
+    total = weights = 0
+    for name, module in model.named_modules():
+        if name in plan:
+            n = module.weight.numel()
+            total += n * bits_per_weight(*plan[name], module.in_features)
+            weights += n
+    return total / weights
 
 
 def _timed_eval(model: nn.Module, tokenizer, args: argparse.Namespace) -> tuple[dict[str, float], float]:
@@ -175,7 +274,7 @@ def _timed_eval(model: nn.Module, tokenizer, args: argparse.Namespace) -> tuple[
 
 
 SETTING_TITLES = {"w4g64": "W4 g64", "w3g64": "W3 g64", "w2g64": "W2 g64", "w3c": "W3 per-channel",
-                  "w2c": "W2 per-channel"}
+                  "w2c": "W2 per-channel", "bpw2.5": "mixed", "bpw3.5": "mixed"}
 
 
 def _cell(metrics: dict[str, float], key: str) -> str:
@@ -234,7 +333,8 @@ def main(argv: list[str] | None = None) -> int:
     plan = [("fp", "fp")] if "fp" in rows else []
     for setting in args.settings.split(","):
         bits = SETTINGS[setting][0]
-        plan += [(r, setting) for r in rows if r != "fp" and not (r == "distill" and bits > 3)]
+        plan += [(r, setting) for r in rows if r != "fp" and not (r == "distill" and bits > 3)
+                 and not (r == "hqq" and SETTINGS[setting][1] is None)]
     cache: dict[str, nn.Module] = {}  # setting/neuqi -> packed NeUQI model, the distill row's student
     for i, (row, setting) in enumerate(plan, 1):
         path = out / f"{Path(model_name).name}-{setting}-{row}.json"
@@ -256,8 +356,9 @@ def main(argv: list[str] | None = None) -> int:
         log.info("[%d/%d] %s %s: %s (%.0f s)", i, len(plan), setting, row,
                  json.dumps({k: round(v, 3) for k, v in result["metrics"].items()}), time.perf_counter() - t)
     wall = time.perf_counter() - started
-    (out / "run_info.txt").write_text(f"wall_seconds {wall:.1f}\nargv {' '.join(sys.argv[1:])}\n"
-                                      f"machine {json.dumps(report.machine_info())}\n")
+    with (out / "run_info.txt").open("a") as f:  # appended: one block per run
+        f.write(f"wall_seconds {wall:.1f}\nargv {' '.join(sys.argv[1:])}\n"
+                f"machine {json.dumps(report.machine_info())}\n")
     write_tables(out, model_name)
     print(f"\nwall time {wall / 60:.1f} min")
     return 0

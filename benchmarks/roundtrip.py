@@ -108,7 +108,7 @@ def checkpoint_row(setting: str, fp: nn.Module, tokenizer, calib: torch.Tensor, 
     fake, summary = quantize(fp, calib, bits, group_size)
     row: dict[str, Any] = {"setting": setting, "quant_seconds": round(time.perf_counter() - t, 1)}
     row["ppl_fake_quantized"] = ppl(fake, tokenizer, args.windows)
-    packed = pack_model(copy.deepcopy(fake), summary["qparams"])
+    packed = pack_model(copy.deepcopy(fake), summary.qparams)
     del fake
     ckpt = neuqi.save_quantized(packed, tmp / setting, tokenizer=tokenizer)
     row.update(size_bound(packed, bits, group_size))
@@ -119,6 +119,7 @@ def checkpoint_row(setting: str, fp: nn.Module, tokenizer, calib: torch.Tensor, 
     loaded = neuqi.load(ckpt, dtype=torch.bfloat16)
     row["ppl_neuqi_load"] = ppl(loaded, tokenizer, args.windows)
     del loaded
+    neuqi.register_transformers()
     hf = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16)
     row["ppl_from_pretrained"] = ppl(hf, tokenizer, args.windows)
     del hf
@@ -138,12 +139,12 @@ def gguf_row(fp: nn.Module, tokenizer, calib: torch.Tensor, args, tmp: Path) -> 
     t = time.perf_counter()
     if args.gguf_method == "rtn":
         model = copy.deepcopy(fp)
-        summary = quantize_model(model, calib, QuantConfig(bits=4, group_size=32, method="rtn", init="minmax"),
+        summary = quantize_model(model, calib, QuantConfig(bits=4, group_size=32, solver="rtn", init="minmax"),
                                  progress=False)
     else:
         model, summary = quantize(fp, calib, 4, 32)
     quant_seconds = round(time.perf_counter() - t, 1)
-    packed = pack_model(model, summary["qparams"])
+    packed = pack_model(model, summary.qparams)
     row: dict[str, Any] = {"setting": "w4g32", "method": args.gguf_method, "quant_seconds": quant_seconds,
                            "ppl_ours_bf16": ppl(packed, tokenizer, args.windows)}
     row["ppl_ours_fp32"] = ppl(copy.deepcopy(packed).float(), tokenizer, args.windows)

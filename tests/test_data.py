@@ -76,3 +76,21 @@ def test_hub_failure_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("NEUQI_DATA_DIR", str(tmp_path / "nowhere"))
     with pytest.raises(DataError, match="NEUQI_DATA_DIR"):
         data.load_documents("c4", "validation")
+
+
+@pytest.mark.parametrize("name, content, match", [
+    ("calib.bin", bytes(range(256)), "binary file"),
+    ("latin1.txt", "café".encode("latin-1"), "not UTF-8 text"),
+    ("rows.jsonl", b'{"text": "caf\xe9"}\n', "not UTF-8 text"),
+    ("rows.json.gz", b"not gzip", "BadGzipFile"),
+])
+def test_unreadable_text_files_are_data_errors(tmp_path, name, content, match):
+    """Issue 12, defect 9: these raised UnicodeDecodeError / BadGzipFile tracebacks."""
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(DataError, match=match):
+        data.read_documents(tmp_path / name)
+
+
+def test_text_files_read_as_text_mode_did(tmp_path):
+    (tmp_path / "a.txt").write_bytes(b"one\r\ntwo\rthree\n\xef\xbb\xbfbom")
+    assert data.read_documents(tmp_path / "a.txt") == [(tmp_path / "a.txt").read_text(encoding="utf-8")]

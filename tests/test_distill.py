@@ -10,11 +10,11 @@ import torch
 from tiny_models import tiny_causal_lm
 from torch import nn
 
-from neuqi.commands.distill import disjoint_documents, distillation_windows, ngrams, overlapping_windows
 from neuqi.distill import DistillConfig, MasterWeights, distill, final_hidden
 from neuqi.errors import ConfigError
 from neuqi.formats.checkpoint import load, save_quantized
 from neuqi.formats.packed import QuantLinear, pack_model, quantized_linears
+from neuqi.pipeline.data import disjoint_documents, distillation_windows, ngrams, overlapping_windows
 from neuqi.quant import grid
 from neuqi.quant.grid import QParams
 

@@ -46,7 +46,7 @@ def quantized(demo):
     out = {}
     for name, method, init in (("rtn", "rtn", "minmax"), ("gptq", "ldlq", "minmax"), ("neuqi", "ldlq", "neuqi")):
         q = copy.deepcopy(model)
-        config = QuantConfig(bits=3, group_size=64, method=method, init=init)
+        config = QuantConfig(bits=3, group_size=64, solver=method, init=init)
         out[name] = (q, quantize_model(q, calib, config, progress=False))
     return out
 
@@ -55,7 +55,7 @@ def test_perplexity_ordering_w3g64(demo, quantized):
     fp, tokenizer, _ = demo
     ppl = {name: _ppl(model, tokenizer) for name, (model, _) in quantized.items()}
     ppl["fp"] = _ppl(fp, tokenizer)
-    loss = {name: s["totals"]["loss"] for name, (_, s) in quantized.items()}
+    loss = {name: s.totals["loss"] for name, (_, s) in quantized.items()}
     print("W3 g64 ppl", ppl, "layer loss", loss)
     assert ppl["fp"] < ppl["neuqi"] < ppl["gptq"] < ppl["rtn"]
     assert loss["rtn"] is None and loss["neuqi"] < loss["gptq"]  # RTN + Min-Max runs without calibration
@@ -67,7 +67,7 @@ def test_packed_checkpoint_round_trip(demo, quantized, tmp_path):
 
     _, tokenizer, _ = demo
     model, summary = quantized["neuqi"]
-    packed = pack_model(copy.deepcopy(model), summary["qparams"])
+    packed = pack_model(copy.deepcopy(model), summary.qparams)
     neuqi.save_quantized(packed, tmp_path / "ckpt", tokenizer=tokenizer)
     loaded = neuqi.load(tmp_path / "ckpt", dtype=torch.bfloat16)
     ids = torch.tensor([tokenizer("The quick brown fox jumps over the lazy dog.")["input_ids"]])
@@ -87,10 +87,10 @@ def test_checkpoint_size_bound_and_round_trip_w_g64(demo, tmp_path, bits):
 
     fp, tokenizer, calib = demo
     model = copy.deepcopy(fp)
-    summary = quantize_model(model, calib, QuantConfig(bits=bits, group_size=64, method="rtn", init="minmax"),
+    summary = quantize_model(model, calib, QuantConfig(bits=bits, group_size=64, solver="rtn", init="minmax"),
                              progress=False)
     fake_ppl = _ppl(model, tokenizer)
-    packed = pack_model(model, summary["qparams"])
+    packed = pack_model(model, summary.qparams)
     path = neuqi.save_quantized(packed, tmp_path / "ckpt", tokenizer=tokenizer) / WEIGHTS_NAME
     with open(path, "rb") as f:
         header = 8 + int.from_bytes(f.read(8), "little")

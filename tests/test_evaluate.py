@@ -6,32 +6,13 @@ import math
 
 import pytest
 import torch
-from tiny_models import tiny_causal_lm
+from tiny_models import byte_tokenizer, tiny_byte_lm
 
 from neuqi.errors import ConfigError, DataError
 from neuqi.eval import evaluate_tasks, parse_tasks, perplexity
-from neuqi.eval.perplexity import decoder_layers
+from neuqi.pipeline.adapters import find_stack
 
 SEQLEN = 32
-
-
-def byte_tokenizer():
-    """A real HF fast tokenizer over the 256 byte symbols (no merges, no download)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    vocab["<|endoftext|>"] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
-
-
-def tiny_model(arch: str = "llama", attn: str = "sdpa"):
-    extra = {"sliding_window": 8, "final_logit_softcapping": 30.0, "head_dim": 8} if arch == "gemma2" else {}
-    return tiny_causal_lm(arch, attn=attn, vocab_size=257, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                          max_position_embeddings=256, use_cache=False, **extra)
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +36,7 @@ def straightforward_ppl(model, tokenizer, path: str, seqlen: int, max_windows: i
 
 
 def test_perplexity_matches_straightforward(corpus):
-    model, tok = tiny_model(), byte_tokenizer()
+    model, tok = tiny_byte_lm(), byte_tokenizer()
     res = perplexity(model, tok, corpus, seqlen=SEQLEN, progress=False)
     ref = straightforward_ppl(model, tok, corpus, SEQLEN)
     assert res["mode"] == "full" and res["windows"] == len(open(corpus).read()) // SEQLEN
@@ -64,7 +45,7 @@ def test_perplexity_matches_straightforward(corpus):
 
 
 def test_max_windows(corpus):
-    model, tok = tiny_model(), byte_tokenizer()
+    model, tok = tiny_byte_lm(), byte_tokenizer()
     res = perplexity(model, tok, corpus, seqlen=SEQLEN, max_windows=3, progress=False)
     assert res["windows"] == 3 and res["tokens"] == 3 * SEQLEN
     assert res["ppl"] == pytest.approx(straightforward_ppl(model, tok, corpus, SEQLEN, 3), rel=1e-5)
@@ -72,24 +53,24 @@ def test_max_windows(corpus):
 
 @pytest.mark.parametrize("arch,attn", [("llama", "sdpa"), ("llama", "eager"), ("qwen2", "sdpa"), ("gemma2", "eager")])
 def test_layer_path_equals_full_path(corpus, arch, attn):
-    model, tok = tiny_model(arch, attn), byte_tokenizer()
+    model, tok = tiny_byte_lm(arch, attn), byte_tokenizer()
     full = perplexity(model, tok, corpus, seqlen=SEQLEN, max_windows=5, mode="full", progress=False)
     layers = perplexity(model, tok, corpus, seqlen=SEQLEN, max_windows=5, mode="layers", batch_size=2, progress=False)
     assert layers["mode"] == "layers"
     assert layers["ppl"] == pytest.approx(full["ppl"], rel=1e-5)
-    assert all("forward" not in m.__dict__ for m in decoder_layers(model))  # capture undone
+    assert all("forward" not in m.__dict__ for m in find_stack(model).layers)  # capture undone
     assert full["ppl"] == pytest.approx(straightforward_ppl(model, tok, corpus, SEQLEN, 5), rel=1e-5)
 
 
 def test_bf16_layer_path_close_to_full(corpus):
-    model, tok = tiny_model().to(torch.bfloat16), byte_tokenizer()
+    model, tok = tiny_byte_lm().to(torch.bfloat16), byte_tokenizer()
     full = perplexity(model, tok, corpus, seqlen=SEQLEN, max_windows=4, mode="full", progress=False)
     layers = perplexity(model, tok, corpus, seqlen=SEQLEN, max_windows=4, mode="layers", progress=False)
     assert layers["ppl"] == pytest.approx(full["ppl"], rel=1e-3)
 
 
 def test_bad_inputs_are_clear_errors(tmp_path, corpus):
-    model, tok = tiny_model(), byte_tokenizer()
+    model, tok = tiny_byte_lm(), byte_tokenizer()
     with pytest.raises(DataError, match="not found"):
         perplexity(model, tok, str(tmp_path / "missing.txt"), seqlen=SEQLEN, progress=False)
     (tmp_path / "short.txt").write_text("too short")
@@ -108,7 +89,7 @@ def test_parse_tasks(corpus):
 
 
 def test_evaluate_tasks_flat_metrics(corpus):
-    model, tok = tiny_model(), byte_tokenizer()
+    model, tok = tiny_byte_lm(), byte_tokenizer()
     out = evaluate_tasks(model, tok, [corpus], seqlen=SEQLEN, max_windows=2, progress=False)
     assert set(out["metrics"]) == {"corpus_ppl"} and out["details"]["corpus"]["windows"] == 2
 
@@ -125,7 +106,7 @@ def test_cli_eval_writes_result_json(tmp_path, corpus, capsys):
 
     from neuqi.cli import main
 
-    tiny_model().save_pretrained(tmp_path / "tiny")
+    tiny_byte_lm().save_pretrained(tmp_path / "tiny")
     byte_tokenizer().save_pretrained(tmp_path / "tiny")
     out = tmp_path / "res" / "tiny.json"
     argv = ["eval", str(tmp_path / "tiny"), "--tasks", corpus, "--seqlen", str(SEQLEN), "--max-windows", "2",
@@ -138,7 +119,7 @@ def test_cli_eval_writes_result_json(tmp_path, corpus, capsys):
 
 
 def test_layer_path_on_packed_model(corpus):
-    from test_packed import packed_llama  # QuantLinear blocks: no nn.Linear inside the decoder layers
+    from tiny_models import packed_llama  # QuantLinear blocks: no nn.Linear inside the decoder layers
 
     model, tok = packed_llama(), byte_tokenizer()
     full = perplexity(model, tok, corpus, seqlen=SEQLEN, max_windows=3, mode="full", progress=False)

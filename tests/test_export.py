@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_packed import TOKENS, logits, packed_llama
+from tiny_models import TOKENS, fake_quantize_linear, logits, packed_llama
 
 from neuqi.cli import main
 from neuqi.errors import ConfigError
@@ -168,7 +168,6 @@ def test_cli_export(tmp_path, capsys) -> None:
 @pytest.mark.slow
 def test_llama_cpp_runs_gguf_export_of_smollm2(tmp_path) -> None:
     llama_cpp = pytest.importorskip("llama_cpp")
-    from test_packed import fake_quantize_linear
     from torch import nn
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

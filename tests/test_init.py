@@ -15,13 +15,7 @@ EXAMPLE = torch.tensor([[-1.0, -0.1, 0.0, 0.1, 0.3]])
 EXAMPLE_H = torch.full((5,), 0.2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are small: torch's OpenMP threads would only add barrier waits (slow on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: see conftest.one_thread
 
 
 def _weights(rows: int, cols: int, seed: int) -> torch.Tensor:
@@ -221,3 +215,17 @@ def test_weighted_loss_matches_fake_quantize() -> None:
     scale, zero_point = init_params(w, 4, 16, "neuqi", h)
     err = (fake_quantize(w, scale, zero_point, 4, 16) - w).double() ** 2 * h.double()
     torch.testing.assert_close(weighted_loss(w, scale, zero_point, 4, 16, h), err.view(8, 4, 16).sum(-1))
+
+
+@pytest.mark.parametrize("method", ["minmax", "neuqi", "neuqi_int"])
+def test_a_parameter_is_accepted_and_plain_tensors_come_back(method):
+    """Issue 12, defect 6: nn.Linear(64, 16).weight crashed NeUQI (autograd in addcmul); others tracked gradients."""
+    torch.manual_seed(0)
+    weight = torch.nn.Linear(64, 16).weight
+    h = torch.rand(64, requires_grad=True)
+    for hessian_diag in (None, h):
+        scale, zero_point = neuqi.init_params(weight, bits=3, group_size=32, method=method, hessian_diag=hessian_diag)
+        assert not scale.requires_grad and not zero_point.requires_grad and scale.grad_fn is None
+        expected = init_params(weight.detach().clone(), 3, 32, method=method,
+                               hessian_diag=None if hessian_diag is None else h.detach().clone())
+        assert torch.equal(scale, expected[0]) and torch.equal(zero_point, expected[1])

@@ -7,65 +7,31 @@ import os
 
 import pytest
 import torch
-from tiny_models import tiny_causal_lm
+from tiny_models import (
+    TOKENS,
+    fake_quantize_linear,
+    fake_quantized_llama,
+    logits,
+    minmax_qparams,
+    packed_llama,
+)
 from torch import nn
 
 import neuqi
 from neuqi.errors import CheckpointError, ModelError
+from neuqi.formats import kernels
 from neuqi.formats.checkpoint import load, read_quantization_config, save_quantized, size_report
-from neuqi.formats.packed import QuantLinear, dequantize_packed, pack_model, quantized_linears, set_weight_cache
-from neuqi.quant import grid
-from neuqi.quant.grid import QParams
+from neuqi.formats.packed import (
+    QuantLinear,
+    dequantize_packed,
+    pack_model,
+    quantized_linears,
+    runtime_bytes,
+    set_kernel,
+    set_weight_cache,
+)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-
-def minmax_qparams(weight: torch.Tensor, bits: int, group_size: int, integer_zero: bool = False) -> QParams:
-    """Min-max (s, Z) per group, rounded to their fp16 storage values; Z real unless ``integer_zero``."""
-    w = grid.to_groups(weight.detach().float(), group_size)
-    lo, hi = w.amin(-1), w.amax(-1)
-    s = (hi - lo).clamp_min(1e-6) / grid.max_code(bits)
-    z = -lo / s
-    s, z = grid.to_storage(s, z.round() if integer_zero else z + 0.25)  # +0.25: an off-grid real zero-point
-    return QParams(s, z, bits, group_size)
-
-
-def fake_quantize_linear(
-    linear: nn.Linear, bits: int, group_size: int, integer_zero: bool = False
-) -> QParams:
-    qp = minmax_qparams(linear.weight, bits, group_size, integer_zero)
-    with torch.no_grad():
-        linear.weight.copy_(grid.fake_quantize(linear.weight, qp.scale, qp.zero_point, bits, group_size))
-    return qp
-
-
-def tiny_llama(tie: bool = True, seed: int = 0) -> nn.Module:
-    return tiny_causal_lm("llama", seed, intermediate_size=128, vocab_size=256, max_position_embeddings=2048,
-                          tie_word_embeddings=tie)
-
-
-def fake_quantized_llama(bits: int = 3, group_size: int = 32, tie: bool = True, integer_zero: bool = False):
-    """A tiny Llama with fake-quantized decoder linears, and their QParams (what the pipeline returns)."""
-    model = tiny_llama(tie)
-    qparams = {
-        name: fake_quantize_linear(m, bits, group_size, integer_zero)
-        for name, m in model.named_modules()
-        if isinstance(m, nn.Linear) and name != "lm_head"
-    }
-    return model, qparams
-
-
-def packed_llama(bits: int = 3, group_size: int = 32, tie: bool = True, integer_zero: bool = False):
-    model, qparams = fake_quantized_llama(bits, group_size, tie, integer_zero)
-    return pack_model(model, qparams)
-
-
-TOKENS = torch.tensor([[5, 17, 200, 3, 99, 42, 7, 255]])
-
-
-def logits(model: nn.Module) -> torch.Tensor:
-    with torch.no_grad():
-        return model(TOKENS).logits
 
 
 # --- QuantLinear ------------------------------------------------------------------------------------
@@ -189,7 +155,7 @@ def test_transformers_from_pretrained(tmp_path) -> None:
 
     model = packed_llama(bits=4, group_size=-1)
     save_quantized(model, tmp_path / "ck")
-    assert neuqi.formats.hf.register()
+    assert neuqi.register_transformers()
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "ck", dtype=torch.float32)
     assert isinstance(hf.model.layers[0].self_attn.q_proj, QuantLinear)
     assert torch.equal(logits(hf), logits(model))
@@ -271,3 +237,114 @@ def test_cuda_load_and_forward(tmp_path) -> None:
     with torch.no_grad():
         got = loaded(TOKENS.cuda()).logits.cpu()
     torch.testing.assert_close(got, logits(model), rtol=1e-4, atol=1e-4)
+
+
+# --- fast forward paths (neuqi.formats.kernels) -------------------------------------------------------
+def _random_layer(bits: int, group_size: int, out_features: int = 48, in_features: int = 256, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 2**bits, (out_features, in_features), generator=g, dtype=torch.uint8)
+    n_groups = in_features // group_size
+    scale = torch.rand(out_features, n_groups, generator=g) * 0.02 + 1e-3
+    zero = torch.rand(out_features, n_groups, generator=g) * (2**bits - 1)  # real-valued Z
+    return QuantLinear.from_codes(codes, scale, zero, bits, group_size, bias=torch.randn(out_features, generator=g))
+
+
+def _reference(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    """The definition: dequantize Ŵ in fp32, cast to the activation dtype, dense matmul."""
+    return nn.functional.linear(x, layer.dequantized_weight().to(x.dtype), layer.bias.to(x.dtype))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dequant_path_is_bit_identical_to_reference(bits: int, dtype: torch.dtype) -> None:
+    layer = _random_layer(bits, 64).to(dtype)
+    layer.kernel = "dequant"
+    x = torch.randn(3, 5, 256).to(dtype)
+    with torch.no_grad():
+        assert torch.equal(layer(x), _reference(layer, x))
+    assert layer.runtime_bytes() == 0  # cache-free
+
+
+def _assert_int4_rounding_bound(layer: QuantLinear, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The int4 kernel computes Σ x·((q − 8)·bf16(s) + bf16(s·(8 − Z))) and rounds y to bf16: each term is off
+    by ≤ 2^-9 of its size, so |y − x·Ŵᵀ − b| ≤ 2^-8·(Σ|x|·(|q − 8|·s + |s·(8 − Z)|) + |y| + |b|). A wrong
+    zero-point convention (sign, offset 8, nibble order) misses this bound by orders of magnitude. Returns x·Ŵᵀ + b."""
+    x, y = x.float().cpu(), y.float().cpu()
+    bias = layer.bias.float().cpu()
+    exact = x @ layer.dequantized_weight().cpu().T + bias
+    s = layer.scales.float().cpu().repeat_interleave(layer.group_size, 1)
+    z = layer.zeros.float().cpu().repeat_interleave(layer.group_size, 1)
+    terms = (layer.codes().float().cpu() - 8).abs() * s + (s * (8 - z)).abs()
+    bound = 2.0**-8 * (x.abs() @ terms.T + exact.abs() + bias.abs())
+    assert ((y - exact).abs() <= bound).all()
+    return exact
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_int4_kernel_equals_reference_within_bf16_rounding(bits: int, group_size: int) -> None:
+    layer = _random_layer(bits, group_size, seed=bits).to(torch.bfloat16)  # the cast must keep fp16 s, Z
+    x = torch.randn(2, 256).to(torch.bfloat16)
+    with torch.inference_mode():
+        y = layer(x).float()
+    assert layer.runtime_bytes() > 0, "the int4 kernel was not used"
+    exact = _assert_int4_rounding_bound(layer, x, y)
+    ref_err = (_reference(layer, x).float() - exact).abs().max()
+    assert (y - exact).abs().max() <= 4 * ref_err  # no worse than the bf16 reference path, up to a small factor
+
+
+def test_auto_path_choice_and_layout_lifetime(tmp_path) -> None:
+    layer = _random_layer(3, 64).to(torch.bfloat16)
+    with torch.inference_mode():
+        long = torch.randn(1, 2 * kernels.INT4_MAX_ROWS, 256).to(torch.bfloat16)  # prefill-sized: exact dequant path
+        assert torch.equal(layer(long), _reference(layer, long)) and layer.runtime_bytes() == 0
+        layer(long[:, :1])  # decode-sized: builds the int4 layout (4 bits per weight + scales/zeros)
+    assert layer.runtime_bytes() >= 48 * 256 // 2
+    assert set(layer.state_dict()) == {"qweight", "scales", "zeros", "bias"}  # the layout is never saved
+    with torch.no_grad():
+        layer.scales.mul_(2)  # an in-place change rebuilds the layout
+        x = torch.randn(1, 256).to(torch.bfloat16)
+        torch.testing.assert_close(layer(x), _reference(layer, x), rtol=0.03, atol=0.03)
+    layer.float()
+    assert layer.runtime_bytes() == 0 and layer.scales.dtype == torch.float16  # casts drop it
+    with torch.no_grad():  # fp32: the CPU int4 kernel is not vectorised, so the exact path runs even for one row
+        assert torch.equal(layer(x.float()), _reference(layer, x.float()))
+    layer.kernel = "bogus"
+    with pytest.raises(ModelError, match="kernel must be one of"):
+        layer(x.float())
+
+
+def test_fast_paths_keep_packed_model_logits_and_round_trip(tmp_path) -> None:
+    model = packed_llama(bits=4, group_size=32)
+    ref = logits(model)
+    bf16 = load(save_quantized(model, tmp_path / "ck")).to(torch.bfloat16)
+    with torch.inference_mode():
+        fast = bf16(TOKENS[:, :1]).logits.float()  # one token: int4 kernel everywhere
+        set_kernel(bf16, "reference")
+        slow = bf16(TOKENS[:, :1]).logits.float()
+    torch.testing.assert_close(fast, slow, rtol=0.05, atol=0.05)
+    torch.testing.assert_close(fast, ref[:, :1], rtol=0.05, atol=0.05)
+    assert runtime_bytes(bf16) == 0  # set_kernel dropped the layouts
+    set_kernel(bf16, "auto")
+    with torch.inference_mode():
+        bf16(TOKENS[:, :1])
+    assert runtime_bytes(bf16) > 0
+    save_quantized(bf16, tmp_path / "ck2")  # the checkpoint format is unchanged by the layouts
+    from safetensors.torch import load_file
+
+    before, after = load_file(tmp_path / "ck" / "model.safetensors"), load_file(tmp_path / "ck2" / "model.safetensors")
+    assert set(before) == set(after)
+    for key in before:
+        if key.endswith((".qweight", ".scales", ".zeros")):
+            assert after[key].dtype == before[key].dtype and torch.equal(after[key], before[key]), key
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the CUDA int4 kernel)")
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_int4_kernel_cuda(bits: int) -> None:
+    layer = _random_layer(bits, 64, out_features=64, seed=bits).to("cuda", torch.bfloat16)
+    x = torch.randn(2, 256, device="cuda").to(torch.bfloat16)
+    with torch.inference_mode():
+        y = layer(x).float()
+    assert layer.runtime_bytes() > 0, "the CUDA int4 kernel was not used"
+    _assert_int4_rounding_bound(layer, x, y)

@@ -13,29 +13,8 @@ from neuqi import pipeline
 from neuqi.cli import main
 from neuqi.errors import ConfigError
 from neuqi.pipeline import QuantConfig, quantize_model, walker
+from neuqi.pipeline.records import QuantResult
 from neuqi.quant import grid
-
-
-def _minmax(weight, bits, group_size=-1, method="minmax", hessian_diag=None, **_):
-    wg = grid.to_groups(weight, group_size)
-    lo, hi = wg.amin(-1), wg.amax(-1)
-    s = ((hi - lo) / grid.max_code(bits)).clamp_min(1e-6)
-    return s, -torch.round(lo / s)
-
-
-def _init_fn():
-    try:
-        from neuqi.quant.init import init_params
-    except ImportError:  # the initializer module is written separately; min-max stands in until it exists
-        return _minmax
-    return init_params
-
-
-@pytest.fixture
-def init_fn(monkeypatch):
-    fn = _init_fn()
-    monkeypatch.setattr(walker, "_default_init", lambda: fn)
-    return fn
 
 
 def tiny_llama(dtype=torch.float32):
@@ -66,7 +45,7 @@ def test_config_validation(kwargs, match):
 
 
 def test_config_json_round_trip():
-    config = QuantConfig(bits=2, group_size=-1, method="gptq", init="neuqi_int", init_options={"steps": 64})
+    config = QuantConfig(bits=2, group_size=-1, solver="gptq", init="neuqi_int", init_options={"steps": 64})
     assert QuantConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
     with pytest.raises(ConfigError, match="unknown QuantConfig keys"):
         QuantConfig.from_dict({"bits": 3, "wbits": 3})
@@ -122,31 +101,32 @@ def test_gram_of_bf16_activations_is_accurate_to_fp32():
 
 
 @pytest.mark.parametrize("method, param_fit", [("ldlq", "static"), ("gptq", "dynamic"), ("rtn", "static")])
-def test_quantized_linears_hold_grid_values(init_fn, method, param_fit):
+def test_quantized_linears_hold_grid_values(method, param_fit):
     model = tiny_llama()
     config = QuantConfig(
-        bits=3, group_size=16, method=method, init="minmax", param_fit=param_fit, batch_size=4
+        bits=3, group_size=16, solver=method, init="minmax", param_fit=param_fit, batch_size=4
     )
     summary = quantize_model(model, tokens(), config, progress=False)
-    qparams = summary["qparams"]
-    assert len(qparams) == len(summary["records"]) == 14
+    qparams = summary.qparams
+    assert len(qparams) == len(summary.records) == 14
     for name, qp in qparams.items():
         w = model.get_submodule(name).weight
         assert torch.equal(qp.scale, qp.scale.half().float()) and torch.equal(
             qp.zero_point, qp.zero_point.half().float()
         )
         assert torch.equal(grid.fake_quantize(w, qp.scale, qp.zero_point, 3, 16), w), name
-    totals = summary["totals"]
+    totals = summary.totals
     assert totals["linears"] == 14
     assert totals["loss"] is None if method == "rtn" else totals["loss"] > 0  # RTN + Min-Max: no calibration
     if method != "rtn" and param_fit == "static":
         assert totals["loss"] < totals["loss_before"]
-    assert summary["memory"]["peak_rss_mb"] > 0 and len(summary["timings"]["layers_s"]) == 2
-    json.dumps({k: v for k, v in summary.items() if k != "qparams"})  # metrics are plain data
+    assert summary.memory["peak_rss_mb"] > 0 and len(summary.timings["layers_s"]) == 2
+    as_json = json.loads(json.dumps(summary.to_dict(), allow_nan=False))  # metrics are plain, strict JSON
+    assert QuantResult.from_dict(as_json).to_dict() == as_json
     assert model(input_ids=tokens()).logits.isfinite().all()
 
 
-def test_replaying_final_parts_changes_nothing(init_fn, monkeypatch):
+def test_replaying_final_parts_changes_nothing(monkeypatch):
     llama = tf.models.llama.modeling_llama
     calls = {"attention": 0, "mlp": 0}
     for key, cls in (("attention", llama.LlamaAttention), ("mlp", llama.LlamaMLP)):
@@ -157,12 +137,12 @@ def test_replaying_final_parts_changes_nothing(init_fn, monkeypatch):
             return original(self, *args, **kwargs)
 
         monkeypatch.setattr(cls, "forward", counting)
-    config = QuantConfig(bits=3, group_size=16, init="neuqi" if init_fn is not _minmax else "minmax", batch_size=2)
+    config = QuantConfig(bits=3, group_size=16, init="neuqi", batch_size=2)
     results = {}
     for replay in (True, False):
         model, calls["attention"], calls["mlp"] = tiny_llama(), 0, 0
         summary = quantize_model(model, tokens(), config, progress=False, replay_activations=replay)
-        results[replay] = (model.state_dict(), summary["totals"]["loss"], dict(calls))
+        results[replay] = (model.state_dict(), summary.totals["loss"], dict(calls))
     (with_replay, loss, n_with), (without, loss_without, n_without) = results[True], results[False]
     assert loss == loss_without
     assert all(torch.equal(with_replay[k], without[k]) for k in with_replay)
@@ -193,24 +173,36 @@ def test_rtn_with_minmax_needs_no_calibration(monkeypatch):
     model, reference = tiny_llama(), tiny_llama()
     forwards = []
     model.model.layers[0].register_forward_hook(lambda *a: forwards.append(1))
-    summary = quantize_model(model, tokens(), QuantConfig(bits=3, group_size=16, method="rtn", init="minmax"),
+    summary = quantize_model(model, tokens(), QuantConfig(bits=3, group_size=16, solver="rtn", init="minmax"),
                              progress=False)
-    assert not forwards and summary["records"][0]["loss"] is None
-    for name, qp in summary["qparams"].items():
+    assert not forwards and summary.records[0].loss is None
+    for name, qp in summary.qparams.items():
         w0 = reference.get_submodule(name).weight.detach()
         scale, zero = grid.to_storage(*init_params(w0, 3, 16, method="minmax"))
         assert torch.equal(qp.scale, scale) and torch.equal(qp.zero_point, zero)
         assert torch.equal(model.get_submodule(name).weight, grid.fake_quantize(w0, scale, zero, 3, 16))
-    assert walker.needs_calibration(QuantConfig(method="rtn", init="neuqi"))  # NeUQI reads diag(H)
-    assert walker.needs_calibration(QuantConfig(method="ldlq", init="minmax"))
+    assert walker.needs_calibration(QuantConfig(solver="rtn", init="neuqi"))  # NeUQI reads diag(H)
+    assert walker.needs_calibration(QuantConfig(solver="ldlq", init="minmax"))
 
 
-def test_bf16_model_is_quantized_in_place(init_fn):
+def test_bf16_model_is_quantized_in_place():
+    """The bf16 weights become bf16 roundings of Ŵ that pack exactly: the packed layers give them back bit for bit,
+    and the packed model the same logits."""
+    from neuqi.formats.packed import QuantLinear, pack_model
+
     model = tiny_llama(torch.bfloat16)
+    original = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     summary = quantize_model(model, tokens(), QuantConfig(group_size=32, init="minmax"), progress=False)
-    from neuqi.formats.packed import pack_model
-
-    pack_model(model, summary["qparams"])  # exact: the bf16 weights are on the fp16-parameter grid
+    assert set(summary.qparams) == set(original) - {"lm_head"}
+    quantized = {name: model.get_submodule(name).weight.detach().clone() for name in summary.qparams}
+    assert all(w.dtype == torch.bfloat16 and not torch.equal(w, original[n]) for n, w in quantized.items())
+    ids = tokens(2)
+    fake_logits = model(input_ids=ids).logits
+    pack_model(model, summary.qparams)  # raises unless every weight is exactly on its grid
+    for name, w in quantized.items():
+        layer = model.get_submodule(name)
+        assert isinstance(layer, QuantLinear) and torch.equal(layer.dequantized_weight().to(torch.bfloat16), w)
+    assert torch.equal(model(input_ids=ids).logits, fake_logits)
 
 
 @pytest.fixture
@@ -228,7 +220,7 @@ def tiny_dir(tmp_path):
     return model_dir, calib
 
 
-def test_cli_end_to_end(init_fn, tiny_dir, tmp_path, capsys):
+def test_cli_end_to_end(tiny_dir, tmp_path, capsys):
     import neuqi
 
     model_dir, calib = tiny_dir
@@ -255,7 +247,7 @@ def test_cli_end_to_end(init_fn, tiny_dir, tmp_path, capsys):
     assert main(argv) == 0
     summary = json.loads((out / "neuqi_summary.json").read_text())
     assert summary["calibration"]["origin"] == str(calib) and summary["calibration"]["tokens"] == 128
-    assert summary["config"]["method"] == "ldlq" and len(summary["records"]) == 14
+    assert summary["config"]["solver"] == "ldlq" and len(summary["records"]) == 14 and summary["world_size"] == 1
     assert {"capture_s", "total_s", "load_s", "wall_s"} <= set(summary["timings"])
     model = neuqi.load(out)
     assert type(model.model.layers[1].mlp.down_proj).__name__ == "QuantLinear"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from test_evaluate import byte_tokenizer, tiny_model
+from tiny_models import byte_tokenizer, tiny_byte_lm
 
 from neuqi.errors import ConfigError
 from neuqi.eval import AVERAGE_METRIC, ZERO_SHOT_TASKS, evaluate_tasks, zero_shot
@@ -36,7 +36,7 @@ def test_local_configs_keep_official_prompts(data_dir):
 
 
 def test_zero_shot_runs_on_tiny_model(data_dir):
-    out = zero_shot(tiny_model(), byte_tokenizer(), ["arc_easy", "piqa", "winogrande"], limit=2, batch_size=4)
+    out = zero_shot(tiny_byte_lm(), byte_tokenizer(), ["arc_easy", "piqa", "winogrande"], limit=2, batch_size=4)
     for task in ("arc_easy", "piqa", "winogrande"):
         assert out[task]["n"] == 2 and 0.0 <= out[task]["acc"] <= 1.0
     assert "acc_norm" in out["arc_easy"] and "acc_norm" not in out["winogrande"]
@@ -46,11 +46,11 @@ def test_zero_shot_runs_on_tiny_model(data_dir):
 
 
 def test_evaluate_tasks_reports_hellaswag_sample_note(data_dir):
-    out = evaluate_tasks(tiny_model(), byte_tokenizer(), "hellaswag", limit=2, progress=False)
+    out = evaluate_tasks(tiny_byte_lm(), byte_tokenizer(), "hellaswag", limit=2, progress=False)
     assert set(out["metrics"]) == {"hellaswag_acc", "hellaswag_acc_norm", "zero_shot_avg"}
     assert any("1000-row" in n for n in out["notes"])
 
 
 def test_unknown_zero_shot_task():
     with pytest.raises(ConfigError, match="unknown zero-shot task"):
-        zero_shot(tiny_model(), byte_tokenizer(), ["mmlu"])
+        zero_shot(tiny_byte_lm(), byte_tokenizer(), ["mmlu"])

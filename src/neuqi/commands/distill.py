@@ -25,11 +25,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import jsonio
 from ..errors import CheckpointError, ConfigError, DataError
+from ..pipeline.data import distillation_windows
 
 log = logging.getLogger(__name__)
 
-NGRAM = 16  # two windows "overlap" when they share a run of this many tokens
 SUMMARY_NAME = "neuqi_summary.json"  # as written by `neuqi quantize`
 HISTORY_NAME = "distill_history.json"
 PLOT_NAME = "distill_loss.png"
@@ -73,61 +74,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="WikiText-2 perplexity before and after, on the first N windows of 2048 tokens")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
-
-
-# ---------------------------------------------------------------------------------------------- windows
-def ngrams(ids: torch.Tensor, n: int = NGRAM) -> set[bytes]:
-    """Every run of ``n`` consecutive tokens in each row of ``ids`` ((L,) or (rows, L)), as hashable bytes."""
-    ids = ids.reshape(-1, ids.shape[-1]).to(torch.int64)
-    if ids.shape[-1] < n:
-        return set()
-    runs = np.ascontiguousarray(ids.unfold(-1, n, 1).reshape(-1, n).numpy())  # (rows·(L−n+1), n)
-    return set(runs.view(np.dtype((np.void, 8 * n))).ravel().tolist())
-
-
-def overlapping_windows(windows: torch.Tensor, reference: torch.Tensor, n: int = NGRAM) -> int:
-    """How many rows of ``windows`` (m, T) share a run of ``n`` tokens with any row of ``reference``."""
-    ref = ngrams(reference, n)
-    return sum(not ref.isdisjoint(ngrams(w, n)) for w in windows)
-
-
-def disjoint_documents(documents: list[str], tokenizer, exclude: torch.Tensor, n: int = NGRAM) -> list[str]:
-    """The documents that share no run of ``n`` tokens with any window of ``exclude`` (m, T)."""
-    ref = ngrams(exclude, n)
-    ids = tokenizer(list(documents), verbose=False)["input_ids"]
-    return [d for d, t in zip(documents, ids) if ref.isdisjoint(ngrams(torch.tensor(t, dtype=torch.long), n))]
-
-
-def distillation_windows(tokenizer, source: str, nsamples: int, seqlen: int, seed: int,
-                         calibration: dict[str, Any] | None) -> tuple[torch.Tensor, dict[str, Any]]:
-    """(nsamples, seqlen) windows of ``source`` avoiding the recorded ``calibration`` windows, and a report.
-
-    ``calibration``: ``{"origin", "windows", "seqlen", "seed"}`` from the checkpoint summary, or None (no
-    exclusion possible).
-    """
-    from ..pipeline.data import load_documents, sample_windows
-
-    docs = load_documents(source, "train")
-    info: dict[str, Any] = {"source": source, "windows": nsamples, "seqlen": seqlen, "seed": seed,
-                            "documents": len(docs), "ngram": NGRAM}
-    calib = None
-    if calibration is None:
-        log.warning("the checkpoint records no calibration windows: distillation windows may repeat them")
-        info["calibration_overlap"] = "unknown (no calibration record)"
-    elif calibration.get("origin") != source:
-        info["calibration_overlap"] = f"none possible (calibrated on {calibration.get('origin')!r})"
-    else:
-        calib = sample_windows(docs, tokenizer, int(calibration["windows"]), int(calibration["seqlen"]),
-                               int(calibration.get("seed", 0)))
-        docs = disjoint_documents(docs, tokenizer, calib)
-        info["excluded_documents"] = info["documents"] - len(docs)
-        if not docs:
-            raise DataError(f"every {source} document overlaps the calibration windows; pass another --calib "
-                            "or --allow-calibration-overlap")
-    tokens = sample_windows(docs, tokenizer, nsamples, seqlen, seed)
-    if calib is not None:
-        info["calibration_overlap"] = overlapping_windows(tokens, calib)
-    return tokens, info
 
 
 # ------------------------------------------------------------------------------------------------ run
@@ -259,8 +205,8 @@ def run(args: argparse.Namespace) -> int:
                                            "steps": section["steps"], "tokens": int(tokens.numel())}}
     with atomic_output_dir(out, args.overwrite) as tmp:
         save_quantized(student, tmp, tokenizer, quant_config=quant_config, overwrite=True)
-        (tmp / SUMMARY_NAME).write_text(json.dumps(summary, indent=1, default=str))
-        (tmp / HISTORY_NAME).write_text(json.dumps(history, indent=1))
+        (tmp / SUMMARY_NAME).write_text(jsonio.dumps(summary, indent=1, default=str))
+        (tmp / HISTORY_NAME).write_text(jsonio.dumps(history, indent=1))
         plot_history(history, tmp / PLOT_NAME)
     msg = f"distilled {section['steps']} steps ({config.loss}) in {section['wall_s']:.0f} s; saved to {out}"
     if evals:

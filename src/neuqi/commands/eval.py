@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 
@@ -40,16 +42,23 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _quant_fields(target: str, model) -> dict[str, Any]:
-    """method/init/bits/group_size/bits_per_weight from a neuqi checkpoint; ``{"method": "fp"}`` otherwise."""
+    """method (row label), init, solver, bits, group_size, bits_per_weight of a neuqi checkpoint, read from the
+    ``QuantConfig`` that ``neuqi quantize`` records under ``quantization_config["pipeline"]``; ``{"method": "fp"}``
+    for an unquantized model."""
+    from ..formats.checkpoint import read_quantization_config, size_report
+    from ..pipeline.config import QuantConfig
     from ..pipeline.models import is_neuqi_checkpoint
 
     if not is_neuqi_checkpoint(target):
         return {"method": "fp"}
-    from ..formats.checkpoint import read_quantization_config, size_report
-
     qc = read_quantization_config(target)
-    fields = {"method": qc.get("method") or qc.get("solver") or "neuqi", "init": qc.get("init"),
-              "bits": qc.get("bits"), "group_size": qc.get("group_size")}
+    fields: dict[str, Any] = {"method": "neuqi", "bits": qc.get("bits"), "group_size": qc.get("group_size")}
+    if "pipeline" in qc:
+        try:
+            config = QuantConfig.from_dict({**qc["pipeline"], "bits": qc["bits"], "group_size": qc["group_size"]})
+            fields.update(method=config.label(), init=config.init, solver=config.solver)
+        except (ConfigError, KeyError, TypeError) as exc:
+            log.warning("%s: unreadable quantization settings (%s); labelled 'neuqi'", target, exc)
     try:
         fields["bits_per_weight"] = round(size_report(model).bits_per_weight, 4)
     except Exception as exc:  # the size report is informative only

@@ -1,4 +1,4 @@
-"""`neuqi export CHECKPOINT --format hqq|gguf-q4_1|fp16|gptq --out PATH`: convert a neuqi checkpoint."""
+"""`neuqi export CHECKPOINT --format hqq|gguf-q4_1|fp16|gptq|mlx --out PATH`: convert a neuqi checkpoint."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 log = logging.getLogger("neuqi.export")
 
-FORMATS = ("hqq", "gguf-q4_1", "fp16", "gptq")
+FORMATS = ("hqq", "gguf-q4_1", "fp16", "gptq", "mlx")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -20,7 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "zero-point offset rounded to fp16). "
         "fp16: plain HF model with dequantized weights. "
         "gptq: LOSSY, zero-points rounded to integers for engines that need them; "
-        "prints the added weight error per layer.",
+        "prints the added weight error per layer. "
+        "mlx: mlx-lm model directory (bits 2-6, 8; group size 32/64/128), exact up to --mlx-scale-dtype.",
     )
     p.add_argument("checkpoint", type=Path, help="neuqi checkpoint directory (from `neuqi quantize`)")
     p.add_argument("--format", required=True, choices=FORMATS, help="output format")
@@ -42,6 +43,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--tokenizer-pre",
         default="default",
         help="gguf-q4_1: llama.cpp pre-tokenizer name when converting an HF BPE tokenizer (e.g. smollm)",
+    )
+    p.add_argument(
+        "--mlx-scale-dtype",
+        default="float16",
+        choices=("float16", "float32"),
+        help="mlx format: dtype of scales and biases (float16: mlx-lm's size, bias -s*Z rounded, at most "
+        "|Z|*2^-11 quantization steps; float32: bit-exact, 0.5 more bits per weight at group 64)",
     )
     p.set_defaults(func=run)
 
@@ -76,6 +84,10 @@ def run(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
         )
         print(f"max zero-offset rounding error: {err:.2e} quantization steps (m = -s*Z stored as fp16)")
+    elif args.format == "mlx":
+        export.export_mlx(
+            model, args.out, tokenizer, scale_dtype=args.mlx_scale_dtype, overwrite=args.overwrite
+        )
     else:
         losses = export.export_gptq(model, args.out, tokenizer, overwrite=args.overwrite)
         print("LOSSY integer-zero export: added weight error vs the neuqi weights")

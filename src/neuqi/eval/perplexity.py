@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, DataError, ModelError
-from ..pipeline.adapters import DecoderStack, capture_inputs, find_stack, fit_batch, layer_output
+from ..pipeline.adapters import DecoderStack, capture_inputs, find_stack, fit_batch, layer_output, lm_head
 from ..pipeline.data import load_text
 
 log = logging.getLogger(__name__)
@@ -81,25 +81,6 @@ def _to(obj: Any, device: torch.device, memo: dict[int, Any] | None = None) -> A
 
 
 # -------------------------------------------------------------------------------------------- model structure
-def decoder_stack(model: nn.Module) -> DecoderStack:
-    """``adapters.find_stack``, else the longest ModuleList of same-class blocks (packed checkpoints: their blocks
-    hold QuantLinears, which find_stack does not count as linears)."""
-    try:
-        return find_stack(model)
-    except ModelError:
-        lists = [(n, m) for n, m in model.named_modules()
-                 if isinstance(m, nn.ModuleList) and len(m) and len({type(b) for b in m}) == 1]
-        if not lists:
-            raise
-        name, layers = max(lists, key=lambda c: len(c[1]))
-        return DecoderStack(name=name, layers=layers)
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder blocks of ``model`` (see :func:`decoder_stack`)."""
-    return decoder_stack(model).layers
-
-
 def _final_norm(model: nn.Module, stack: DecoderStack) -> nn.Module:
     parent_name = stack.name.rpartition(".")[0]
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -128,16 +109,6 @@ def _nll_from_hidden(hidden: torch.Tensor, ids: torch.Tensor, head: Callable[[to
     return total / (seqlen - 1)
 
 
-def _lm_head(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    head = model.get_output_embeddings()
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    if head is None:
-        raise ModelError(f"{type(model).__name__} has no output embeddings (lm_head)")
-    if not cap:
-        return head
-    return lambda h: torch.tanh(head(h) / cap) * cap
-
-
 def _nll_full(model: nn.Module, batches: Sequence[torch.Tensor], device: torch.device, bar) -> list[torch.Tensor]:
     out = []
     for ids in batches:
@@ -149,8 +120,8 @@ def _nll_full(model: nn.Module, batches: Sequence[torch.Tensor], device: torch.d
 
 
 def _nll_layers(model: nn.Module, batches: Sequence[torch.Tensor], device: torch.device, bar) -> list[torch.Tensor]:
-    stack = decoder_stack(model)
-    norm, head = _final_norm(model, stack), _lm_head(model)
+    stack = find_stack(model)
+    norm, head = _final_norm(model, stack), lm_head(model)
     offload = torch.device("cpu")
     stem_device = model_device(model.get_input_embeddings())
     hidden, calls = capture_inputs(model, stack, [ids.to(stem_device) for ids in batches])  # only the stem runs
@@ -220,7 +191,7 @@ def perplexity(
     device = torch.device(device) if device is not None else home
     if mode == "auto":
         mode = "full" if fits_on_device(model, device) else "layers"
-    total = len(batches) if mode == "full" else len(decoder_layers(model)) + 1
+    total = len(batches) if mode == "full" else len(find_stack(model).layers) + 1
     was_training = model.training
     model.eval()
     with tqdm(total=total, desc=f"ppl {dataset} ({mode})", disable=not progress, leave=False) as bar:

@@ -35,6 +35,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from .. import jsonio
 from ..errors import DataError
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ def machine_info() -> dict[str, Any]:
 
 def new_result(model: str, metrics: dict[str, float], **fields: Any) -> dict[str, Any]:
     """A result record in the schema above (``fields``: method, init, bits, settings, details, ...)."""
-    from .. import __version__
+    from ..version import __version__
 
     head = {k: fields.pop(k) for k in _HEAD_KEYS if k in fields}
     details = {k: fields.pop(k) for k in ("details", "notes") if k in fields}
@@ -79,7 +80,7 @@ def write_result(path: str | os.PathLike, result: dict[str, Any]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")
+    tmp.write_text(jsonio.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")
     os.replace(tmp, path)
     return path
 
@@ -126,6 +127,9 @@ def method_label(r: dict[str, Any]) -> str:
 
 
 def group_label(group_size: Any) -> str:
+    """"g64", "channel" (-1, 0 or null), or "mixed" (a per-linear plan under a bits-per-weight budget)."""
+    if group_size == "mixed":
+        return "mixed"
     return "channel" if group_size in (None, 0, -1) else f"g{group_size}"
 
 
@@ -143,7 +147,8 @@ def _num(v: Any, kind: str) -> str:
 
 
 def _sort_key(r: dict[str, Any]) -> tuple:
-    return (not is_full_precision(r), method_label(r), r.get("bits") or 99, r.get("group_size") or 0)
+    group = r.get("group_size")
+    return (not is_full_precision(r), method_label(r), r.get("bits") or 99, group if isinstance(group, int) else 0)
 
 
 def markdown_table(results: Sequence[dict[str, Any]]) -> str:

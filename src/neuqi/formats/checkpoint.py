@@ -23,8 +23,6 @@ import copy
 import json
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -33,9 +31,12 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules.module import register_module_parameter_registration_hook
 
 from ..errors import CheckpointError, ConfigError
+from .atomic import atomic_output_dir
 from .packed import QuantLinear, _set_submodule, quantized_linears
+from .tensorfile import save_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -99,46 +100,6 @@ def _unique_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
         yield name, tensor
 
 
-def _chmod_default(path: Path, mode: int) -> None:
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, mode & ~umask)
-
-
-@contextmanager
-def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a fresh temporary directory next to ``out_dir``; on success it replaces ``out_dir`` by renames.
-
-    An existing non-empty ``out_dir`` is refused (CheckpointError) unless ``overwrite``. On error the
-    temporary directory is removed and ``out_dir`` is left untouched.
-    """
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise CheckpointError(f"{out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise CheckpointError(
-            f"{out} exists and is not empty; pass overwrite=True (CLI: --overwrite) to replace it"
-        )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        _chmod_default(tmp, 0o777)  # mkdtemp creates 0700
-        yield tmp
-        for f in tmp.iterdir():
-            if f.is_file():
-                _chmod_default(f, 0o666)
-        if out.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            out.rename(trash / "old")
-            tmp.rename(out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def save_config(model: nn.Module, out_dir: Path, quantization_config: dict[str, Any] | None) -> None:
     """Write config.json (``quantization_config`` replaced, or removed if None) and generation_config.json."""
     config = copy.deepcopy(model.config)
@@ -164,13 +125,11 @@ def save_quantized(
     The directory is built under a temporary name next to ``out_dir`` and renamed at the end, so a crash never
     leaves a half-written checkpoint. An existing non-empty ``out_dir`` is refused unless ``overwrite``.
     """
-    from safetensors.torch import save_file
-
     qconfig = build_quantization_config(model, quant_config)
     with atomic_output_dir(out_dir, overwrite) as tmp:
         save_config(model, tmp, qconfig)
         tensors = {k: t.detach().cpu().contiguous() for k, t in _unique_tensors(model)}
-        save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt", "neuqi": str(FORMAT_VERSION)})
+        save_safetensors(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt", "neuqi": str(FORMAT_VERSION)})
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return Path(out_dir)
@@ -214,21 +173,25 @@ def module_specs(qc: dict[str, Any]) -> dict[str, tuple[int, int]]:
     }
 
 
+def _param_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> nn.Parameter | None:
+    if param is None or param.device.type == "meta":
+        return None  # keep it as it is
+    return nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+
 @contextmanager
 def _parameters_on_meta() -> Iterator[None]:
-    """Create parameters on the meta device (no memory, no init); buffers stay real (e.g. RoPE inv_freq)."""
-    register = nn.Module.register_parameter
+    """Within the block, parameters registered by modules being built go to the meta device (no memory, no
+    init); buffers stay real (e.g. RoPE ``inv_freq``, computed in ``__init__`` and not stored in checkpoints).
 
-    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        if param is not None and param.device.type != "meta":
-            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        register(module, name, param)
-
-    nn.Module.register_parameter = register_on_meta
+    Uses torch's parameter-registration hook, removed on exit; ``torch.device("meta")`` would also put those
+    buffers on meta, with nothing to reload them from.
+    """
+    handle = register_module_parameter_registration_hook(_param_on_meta)
     try:
         yield
     finally:
-        nn.Module.register_parameter = register
+        handle.remove()
 
 
 def replace_linears(
@@ -262,13 +225,24 @@ def replace_linears(
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    weights = path / WEIGHTS_NAME
-    if not weights.is_file():
-        raise CheckpointError(f"{path}: missing {WEIGHTS_NAME}")
-    try:
-        return load_file(weights)
-    except Exception as exc:  # safetensors raises SafetensorError / OSError for truncated or corrupt files
-        raise CheckpointError(f"{weights} cannot be read (truncated or corrupt?): {exc}") from exc
+    from .sharded import INDEX_NAME, check_shards, read_index
+
+    if (path / INDEX_NAME).is_file():  # sharded (``neuqi quantize --stream`` of a large model)
+        weight_map = read_index(path / INDEX_NAME)
+        check_shards(path, weight_map)
+        files = sorted(set(weight_map.values()))
+    else:
+        files = [WEIGHTS_NAME]
+    tensors: dict[str, torch.Tensor] = {}
+    for name in files:
+        weights = path / name
+        if not weights.is_file():
+            raise CheckpointError(f"{path}: missing {name}")
+        try:
+            tensors.update(load_file(weights))
+        except Exception as exc:  # safetensors raises SafetensorError / OSError for truncated or corrupt files
+            raise CheckpointError(f"{weights} cannot be read (truncated or corrupt?): {exc}") from exc
+    return tensors
 
 
 def _check_shapes(
@@ -290,6 +264,21 @@ def _check_shapes(
             + "; ".join(bad[:5])
             + (f" (+{len(bad) - 5} more)" if len(bad) > 5 else "")
         )
+
+
+def check_quantized_values(model: nn.Module, source: str | os.PathLike = "the checkpoint") -> None:
+    """CheckpointError naming the first QuantLinear whose stored scales are not finite and > 0 or whose
+    zero-points are not finite (a corrupt checkpoint would otherwise evaluate to NaN)."""
+    for name, layer in quantized_linears(model):
+        for what, t, ok in (("scales", layer.scales, lambda t: torch.isfinite(t) & (t > 0)),
+                            ("zeros", layer.zeros, torch.isfinite)):
+            if t.device.type == "meta":
+                continue
+            bad = int((~ok(t)).sum())
+            if bad:
+                rule = "finite and > 0" if what == "scales" else "finite"
+                raise CheckpointError(f"{source}: {name}.{what} has {bad} value(s) that are not {rule}; "
+                                      "the checkpoint is corrupt")
 
 
 def load(
@@ -343,6 +332,7 @@ def load(
     leftover = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if leftover:
         raise CheckpointError(f"{path}: tensors not found in the checkpoint: {leftover[:5]}")
+    check_quantized_values(model, path)
     return model.to(device).eval()
 
 

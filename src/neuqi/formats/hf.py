@@ -1,4 +1,4 @@
-"""Hook neuqi checkpoints into ``transformers.AutoModelForCausalLM.from_pretrained``.
+"""Register neuqi checkpoints with ``transformers.AutoModelForCausalLM.from_pretrained``, explicitly.
 
 transformers (≥ 4.46; checked against 5.x) lets third parties add a quantization method with
 ``transformers.quantizers.register_quantization_config(name)`` (a ``QuantizationConfigMixin`` subclass,
@@ -9,74 +9,43 @@ QuantLinear layers there) and then loads the safetensors into the module's param
 casting each tensor to the dtype of the empty one (so our fp16 scales and zero-points stay fp16 even when
 the model is loaded in bf16).
 
-``import neuqi`` calls ``register_on_import()``: registration needs ``transformers.quantizers`` (about 3 s
-to import), so it runs at once if that module is already imported and otherwise right after transformers
-imports it, via a one-shot import hook. It never raises: if the API is missing or differs, it logs why and
-``neuqi.load`` remains the way to load a checkpoint.
+Nothing happens at ``import neuqi``: registration imports ``transformers.quantizers`` (about 3 s) and adds
+to transformers' global registry, so it is left to the caller, once, before ``from_pretrained``::
+
+    neuqi.register_transformers()
+    model = transformers.AutoModelForCausalLM.from_pretrained("runs/smollm2-w3g64")
+
+``neuqi.load`` needs no registration. ``register`` never raises: if the API is missing or differs, it logs
+why, returns False, and ``neuqi.load`` remains the way to load a checkpoint.
 """
 
 from __future__ import annotations
 
-import importlib.abc
-import importlib.util
+import functools
 import logging
-import sys
 from typing import Any
 
 log = logging.getLogger(__name__)
 
-_registered: bool | None = None
-_TRIGGER = "transformers.quantizers.auto"
-
-
-class _RegisterAfterImport(importlib.abc.MetaPathFinder):
-    """One-shot finder: lets ``transformers.quantizers.auto`` load normally, then calls ``register()``."""
-
-    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
-        if fullname != _TRIGGER:
-            return None
-        if self in sys.meta_path:
-            sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(fullname)
-        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
-            return spec
-        exec_module = spec.loader.exec_module
-
-        def exec_then_register(module: Any) -> None:
-            exec_module(module)
-            register()
-
-        spec.loader.exec_module = exec_then_register  # type: ignore[method-assign]
-        return spec
-
-
-def register_on_import() -> None:
-    """Register now if transformers' quantizer registry is loaded, else as soon as transformers loads it."""
-    if _TRIGGER in sys.modules:
-        register()
-    elif not any(isinstance(f, _RegisterAfterImport) for f in sys.meta_path):
-        sys.meta_path.insert(0, _RegisterAfterImport())
-
-
+@functools.cache
 def register() -> bool:
-    """Register the "neuqi" quantization method with transformers, once; True if it is (now) registered."""
-    global _registered
-    if _registered is not None:
-        return _registered
+    """Register the "neuqi" quantization method with transformers, once; True if it is registered.
+
+    Public as ``neuqi.register_transformers()``. False (with a logged warning) when this transformers has no
+    usable quantizer registry.
+    """
     try:
-        _registered = _register()
-    except Exception as exc:  # any API drift must not break `import neuqi`
-        log.info(
+        return _register()
+    except Exception as exc:  # API drift must not break the caller: neuqi.load still works
+        log.warning(
             "neuqi: transformers quantizer registration unavailable (%s: %s); use neuqi.load()",
             type(exc).__name__,
             exc,
         )
-        _registered = False
-    return _registered
+        return False
 
 
 def _register() -> bool:
-    # import from the submodules: this may run while the transformers.quantizers package is still initialising
     from transformers.quantizers.auto import (
         AUTO_QUANTIZER_MAPPING,
         register_quantization_config,
@@ -85,7 +54,7 @@ def _register() -> bool:
     from transformers.quantizers.base import HfQuantizer
     from transformers.utils.quantization_config import QuantizationConfigMixin
 
-    from .checkpoint import QUANT_METHOD, module_specs, replace_linears
+    from .checkpoint import QUANT_METHOD, check_quantized_values, module_specs, replace_linears
 
     if QUANT_METHOD in AUTO_QUANTIZER_MAPPING:
         log.debug("neuqi: quantization method already registered with transformers")
@@ -107,6 +76,10 @@ def _register() -> bool:
 
         def _process_model_before_weight_loading(self, model: Any, **kwargs: Any) -> Any:
             replace_linears(model, module_specs(self.quantization_config.to_dict()), device="meta")
+            return model
+
+        def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> Any:
+            check_quantized_values(model, getattr(model, "name_or_path", "the checkpoint"))
             return model
 
         def is_serializable(self, *args: Any, **kwargs: Any) -> bool:

@@ -10,6 +10,13 @@ Stored per layer (out = out_features, G = in_features // group_size, k = bits):
 and the layer computes y = x·Ŵᵀ + b with Ŵ = s·(q − Z) evaluated in fp32 exactly as grid.dequantize, then
 cast to the activation dtype. In fp32 its output is bit-identical to an nn.Linear holding the fake-quantized
 weight. Casting the module (``model.to(torch.bfloat16)``) casts the bias only: scales and zero-points stay fp16.
+
+Inference runs through neuqi.formats.kernels (``QuantLinear.kernel``): ``"auto"`` (default) sends decode-sized
+bf16 calls (≤ kernels.INT4_MAX_ROWS rows) of ≤ 4-bit layers to torch's int4 weight-only matmul (a kernel layout
+built on first use, 4 bits per weight, not saved) and everything else to an exact, cache-free fast
+dequantize-then-matmul; ``"dequant"`` never uses the int4 kernel; ``"int4"`` uses it whenever it can;
+``"reference"`` is the plain ``F.linear(x, Ŵ.to(dtype))``. Training (trainable scales/zeros) always takes the
+reference path.
 """
 
 from __future__ import annotations
@@ -23,7 +30,10 @@ from torch import nn
 from ..errors import ModelError
 from ..quant import grid
 from ..quant.grid import QParams
+from . import kernels
 from .packing import pack, packed_width, unpack
+
+KERNELS = ("auto", "int4", "dequant", "reference")
 
 
 def dequantize_packed(
@@ -39,7 +49,7 @@ def dequantize_packed(
     Differentiable in ``scales`` and ``zeros`` (which may be fp32 trainable tensors): distillation trains
     them with the codes frozen.
     """
-    return grid.dequantize(unpack(qweight, bits, in_features), scales, zeros, group_size)
+    return grid._dequantize(unpack(qweight, bits, in_features), scales, zeros, group_size)  # hot path: unchecked
 
 
 class QuantLinear(nn.Module):
@@ -74,7 +84,9 @@ class QuantLinear(nn.Module):
         self.register_buffer("zeros", torch.zeros(out_features, n_groups, dtype=torch.float16, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
         self.cache_weight = False
+        self.kernel = "auto"
         self._cache: tuple | None = None
+        self._int4: tuple | None = None
 
     @classmethod
     def from_codes(
@@ -166,9 +178,53 @@ class QuantLinear(nn.Module):
             cache = self._cache = (key, sources, self.dequantized_weight().to(dtype).detach())
         return cache[2]
 
+    def int4_weight(self, dtype: torch.dtype) -> kernels.Int4Weight | None:
+        """The int4-kernel layout for activations of ``dtype`` (built once, rebuilt if the buffers change), or
+        None when the kernel cannot run this layer (kernels.int4_unsupported says why)."""
+        device = self.qweight.device
+        if kernels.int4_unsupported(self.out_features, self.in_features, self.bits, self.group_size, device, dtype):
+            return None
+        sources = (self.qweight, self.scales, self.zeros)
+        try:
+            key = (device, dtype, *(t._version for t in sources))
+        except RuntimeError:  # inference tensors: no version counter, and no in-place change outside inference mode
+            key = (device, dtype)
+        cache = self._int4
+        if cache is None or cache[0] != key or any(a is not b for a, b in zip(cache[1], sources)):
+            self._int4 = None  # free the old layout before building the new one
+            with torch.no_grad():
+                w = kernels.build_int4(self.codes(), self.scales, self.zeros, self.group_size, dtype)
+            self._int4 = cache = (key, sources, w)  # holding the sources: a replaced buffer never aliases
+        return cache[2]
+
+    def runtime_bytes(self) -> int:
+        """Bytes held beyond the saved buffers: the int4 layout and/or the dense weight cache, if built."""
+        int4 = 0 if self._int4 is None else self._int4[2].nbytes
+        return int4 + (0 if self._cache is None else self._cache[2].nbytes)
+
+    def _fast_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        if self.bits in (2, 3, 4, 8):
+            w = kernels.dequantize_fast(
+                self.qweight, self.scales, self.zeros, self.bits, self.group_size, self.in_features
+            )
+            return w.to(dtype)
+        return self.dequantized_weight().to(dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self._weight(x.dtype), bias)
+        trainable = torch.is_grad_enabled() and (self.scales.requires_grad or self.zeros.requires_grad)
+        if self.kernel == "reference" or self.cache_weight or trainable:
+            return F.linear(x, self._weight(x.dtype), bias)
+        if self.kernel not in KERNELS:
+            raise ModelError(f"QuantLinear.kernel must be one of {KERNELS}, got {self.kernel!r}")
+        rows = x.numel() // self.in_features
+        wanted = self.kernel == "int4" or (self.kernel == "auto" and rows <= kernels.INT4_MAX_ROWS)
+        if wanted and not (x.requires_grad and torch.is_grad_enabled()):  # the int4 op has no autograd
+            w4 = self.int4_weight(x.dtype)
+            if w4 is not None:
+                y = kernels.int4_matmul(x.reshape(rows, self.in_features), w4).reshape(*x.shape[:-1], -1)
+                return y if bias is None else y + bias
+        return F.linear(x, self._fast_weight(x.dtype), bias)
 
     def to_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:
         """A plain nn.Linear holding Ŵ (cast to ``dtype``, default fp32) and the bias."""
@@ -193,7 +249,7 @@ class QuantLinear(nn.Module):
             for name, t in kept.items():
                 moved = fn(t)
                 self._buffers[name] = moved if moved.dtype == t.dtype else t.to(moved.device)
-        self._cache = None
+        self._cache = self._int4 = None
         return self
 
     def extra_repr(self) -> str:
@@ -238,6 +294,20 @@ def quantized_linears(model: nn.Module) -> Iterator[tuple[str, QuantLinear]]:
 def quantized_tensor_keys(model: nn.Module) -> dict[str, QuantLinear]:
     """{state-dict key of every packed tensor (``qweight``, ``scales``, ``zeros``): its QuantLinear}."""
     return {f"{name}.{s}": layer for name, layer in quantized_linears(model) for s in ("qweight", "scales", "zeros")}
+
+
+def set_kernel(model: nn.Module, kernel: str) -> None:
+    """Set the forward path of every QuantLinear (see the module docstring); frees any int4 layout built."""
+    if kernel not in KERNELS:
+        raise ModelError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    for _, layer in quantized_linears(model):
+        layer.kernel = kernel
+        layer._int4 = None
+
+
+def runtime_bytes(model: nn.Module) -> int:
+    """Bytes the QuantLinears of ``model`` hold beyond their saved buffers (int4 layouts, dense caches)."""
+    return sum(layer.runtime_bytes() for _, layer in quantized_linears(model))
 
 
 def set_weight_cache(model: nn.Module, enabled: bool) -> None:

@@ -1,18 +1,22 @@
 """Map any transformers causal LM onto what the layer-wise pipeline needs (spec §11.2), derived, not
 tabulated.
 
-* ``find_stack(model)``: the decoder layer stack, an ``nn.ModuleList`` of blocks, found from the model's
-  ``_no_split_modules`` class names, else as the largest ``ModuleList`` of same-class modules. ``stem`` are
+* ``find_stack(model)``: the decoder layer stack, an ``nn.ModuleList`` of blocks holding ``nn.Linear`` or packed
+  ``QuantLinear`` layers, found from the model's ``_no_split_modules`` class names, else as the largest
+  ``ModuleList`` of same-class modules. ``stem`` are
   the other children of the stack's parent (embeddings, rotary embeddings, final norm: what runs before layer
   0 and the final norm after it); ``head`` are the top-level modules outside that parent (``lm_head``).
 * ``capture_inputs(model, stack, batches)``: the hidden states entering layer 0 for every batch and the
   keyword arguments every layer is called with (masks and position embeddings differ between layers in Gemma
-  2/3). The layers are made identities for this one pass and the last one stops the forward with a private
-  exception that only this function catches, so nothing but the stem runs.
+  2/3). The layers are replaced by identities (``StandIn``) for this one pass and the last one stops the forward
+  with a private exception that only this function catches, so nothing but the stem runs.
 * ``linear_groups(layer, call)``: the layer's ``nn.Linear``s grouped by the tensor they read, in execution
   order (``[[q, k, v], [o], [gate, up], [down]]`` for Llama, ``[[qkv_proj], [o_proj], [gate_up_proj],
   [down_proj]]`` for Phi-3), found by hooking one call of the layer. ``trace_layer`` also names each child
   whose output is its last linear's output (``o_proj`` of the attention, ``down_proj`` of the MLP).
+* ``lm_head(model)``: hidden states → logits, with the model's final logit soft-capping (Gemma 2).
+* ``StandIn(module, forward)``: takes a module's place (same name, same tensors) with another forward, for a
+  scoped change of behaviour without patching the module (input capture, replay, gradient checkpointing).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelError
+from ..formats.packed import QuantLinear
 
 LayerCall = tuple[tuple[Any, ...], dict[str, Any]]  # positional args after the hidden states, keyword args
 
@@ -54,7 +59,7 @@ def _uniform(blocks: nn.ModuleList) -> bool:
 
 
 def _has_linear(module: nn.Module) -> bool:
-    return any(isinstance(m, nn.Linear) for m in module.modules())
+    return any(isinstance(m, (nn.Linear, QuantLinear)) for m in module.modules())
 
 
 def find_stack(model: nn.Module) -> DecoderStack:
@@ -73,7 +78,7 @@ def find_stack(model: nn.Module) -> DecoderStack:
             f"blocks holding nn.Linear layers (looked for classes {sorted(no_split) or 'none listed'} from "
             "_no_split_modules, then for any such list)"
         )
-    name, layers = max(candidates, key=lambda c: (len(c[1]), -c[0].count(".")))
+    name, layers = max(candidates, key=lambda c: (len(c[1]), -c[0].count(".")))  # the longest, outermost
     parent_name = name.rpartition(".")[0]
     parent = model.get_submodule(parent_name) if parent_name else model
     stem = [f"{parent_name}.{n}" if parent_name else n for n, m in parent.named_children() if m is not layers]
@@ -82,6 +87,51 @@ def find_stack(model: nn.Module) -> DecoderStack:
         top = parent_name.split(".")[0]
         head = [n for n, _ in model.named_children() if n != top]
     return DecoderStack(name=name, layers=layers, stem=stem, head=head)
+
+
+def lm_head(model: nn.Module, head: nn.Module | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """h (…, H) → logits (…, V) through ``head`` (default: the model's output embeddings), with the model's final
+    logit soft-capping c·tanh(logits / c) if its config has one (Gemma 2)."""
+    head = head if head is not None else model.get_output_embeddings()
+    if head is None:
+        raise ModelError(f"{type(model).__name__} has no output embeddings (lm_head)")
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return head if not cap else (lambda h: torch.tanh(head(h) / cap) * cap)
+
+
+class StandIn(nn.Module):
+    """Takes the place of ``module`` (under its name, e.g. ``layers[i] = StandIn(layers[i], f)``) with ``forward``
+    as its forward, until the caller puts ``module`` back.
+
+    It shares the module's submodule, parameter and buffer dicts, so qualified names, ``state_dict`` and ``.to()``
+    see exactly the module's tensors; other attributes (``config``, ``attention_type``, ...) are read from the
+    module. ``forward`` may call ``module`` itself.
+    """
+
+    def __init__(self, module: nn.Module, forward: Callable[..., Any]) -> None:
+        super().__init__()
+        self.__dict__.update(
+            _modules=module._modules,
+            _parameters=module._parameters,
+            _buffers=module._buffers,
+            _non_persistent_buffers_set=module._non_persistent_buffers_set,
+            training=module.training,
+            module=module,  # not a submodule: its submodules are already ours
+            _stand_in_forward=forward,
+        )
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self._stand_in_forward(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["module"], name)
+
+    def train(self, mode: bool = True) -> StandIn:
+        self.module.training = mode
+        return super().train(mode)
 
 
 # --------------------------------------------------------------------------------------------- input capture
@@ -99,26 +149,35 @@ def _hidden(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[torch.Tensor
 
 
 @contextmanager
-def _identity_layers(layers: nn.ModuleList, on_call: Callable[[int, tuple, dict], None]) -> Iterator[None]:
-    """Within the context each layer's forward only reports its call and returns its hidden states unchanged;
-    the last one raises _StopForward. The original forwards are restored on exit."""
+def layers_standing_in(
+    layers: nn.ModuleList, forward: Callable[[int, nn.Module], Callable[..., Any]]
+) -> Iterator[None]:
+    """Within the block ``layers[i]`` is a ``StandIn`` whose forward is ``forward(i, layers[i])``; the layers are put
+    back on exit."""
+    originals = list(layers)
+    try:
+        for i, layer in enumerate(originals):
+            layers[i] = StandIn(layer, forward(i, layer))
+        yield
+    finally:
+        for i, layer in enumerate(originals):
+            layers[i] = layer
 
-    def make(i: int) -> Callable[..., torch.Tensor]:
+
+def _identity(n_layers: int, on_call: Callable[[int, tuple, dict], None]) -> Callable[[int, nn.Module], Callable]:
+    """Forwards for ``layers_standing_in``: layer i reports its call and returns its hidden states unchanged; the
+    last one raises _StopForward."""
+
+    def make(i: int, _layer: nn.Module) -> Callable[..., torch.Tensor]:
         def forward(*args: Any, **kwargs: Any) -> torch.Tensor:
             on_call(i, args, kwargs)
-            if i == len(layers) - 1:
+            if i == n_layers - 1:
                 raise _StopForward
             return _hidden(args, kwargs)[0]
 
         return forward
 
-    try:
-        for i, layer in enumerate(layers):
-            layer.forward = make(i)  # instance attribute shadows the class method for this pass only
-        yield
-    finally:
-        for layer in layers:
-            layer.__dict__.pop("forward", None)
+    return make
 
 
 @torch.no_grad()
@@ -140,7 +199,7 @@ def capture_inputs(
         if calls[i] is None:
             calls[i] = call
 
-    with _identity_layers(stack.layers, on_call):
+    with layers_standing_in(stack.layers, _identity(len(stack.layers), on_call)):
         for ids in batches:
             try:
                 model(input_ids=ids, use_cache=False)

@@ -5,6 +5,8 @@ Named sources are ``wikitext2`` and ``c4``. Each is read from local files when a
 ``datasets`` library otherwise. Any other name is a path: a text file, a ``.jsonl``/``.json``/``.json.gz`` file with a
 ``text`` field, or a directory of those. ``stdlib-docs`` is the English help text shipped with Python
 (``pydoc_data.topics``), the corpus of last resort when nothing else is reachable.
+``distillation_windows`` samples windows from documents that share no run of ``NGRAM`` tokens with the calibration
+windows (spec §10.12).
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ import os
 import random
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 
 from ..errors import DataError
@@ -40,10 +44,23 @@ def find_data_dir() -> Path | None:
 
 
 # ----------------------------------------------------------------------------------------------------------- files
+def read_text_file(path: Path) -> str:
+    """The UTF-8 text of ``path`` (gunzipped for ``.gz``); DataError for binary, non-UTF-8 or broken gzip files."""
+    try:
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, EOFError) as exc:  # gzip.BadGzipFile is an OSError
+        raise DataError(f"{path}: cannot read it ({type(exc).__name__}: {exc})") from exc
+    if b"\0" in raw:
+        raise DataError(f"{path} is a binary file (it holds NUL bytes), not text")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path} is not UTF-8 text (byte {exc.start}: {exc.reason}); convert it to UTF-8") from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")  # universal newlines, as text-mode open()
+
+
 def _read_json_records(path: Path) -> list[str]:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        text = f.read()
+    text = read_text_file(path)
     stripped = text.lstrip()
     if stripped.startswith("["):
         try:
@@ -73,12 +90,12 @@ def read_documents(path: str | Path) -> list[str]:
         raise DataError(f"data file not found: {path}")
     if path.name.endswith((".jsonl", ".json", ".jsonl.gz", ".json.gz")):
         return _read_json_records(path)
-    return [path.read_text(encoding="utf-8")]
+    return [read_text_file(path)]
 
 
 def wikitext2_rows(raw_file: str | Path) -> list[str]:
     """Rebuild the HF ``wikitext-2-raw-v1`` rows from a ``wiki.*.raw`` file (see shared/data/README.md)."""
-    lines = Path(raw_file).read_text(encoding="utf-8").split("\n")[:-1]
+    lines = read_text_file(Path(raw_file)).split("\n")[:-1]
     return [line + "\n" if line.strip() else "" for line in lines]
 
 
@@ -200,3 +217,59 @@ def calibration_tokens(
     else:
         docs, origin = load_documents(source, "train"), source
     return sample_windows(docs, tokenizer, nsamples, seqlen, seed), origin
+
+
+# ------------------------------------------------------------------------------ windows that avoid the calibration
+NGRAM = 16  # two windows "overlap" when they share a run of this many tokens
+
+
+def ngrams(ids: torch.Tensor, n: int = NGRAM) -> set[bytes]:
+    """Every run of ``n`` consecutive tokens in each row of ``ids`` ((L,) or (rows, L)), as hashable bytes."""
+    ids = ids.reshape(-1, ids.shape[-1]).to(torch.int64)
+    if ids.shape[-1] < n:
+        return set()
+    runs = np.ascontiguousarray(ids.unfold(-1, n, 1).reshape(-1, n).numpy())  # (rows·(L−n+1), n)
+    return set(runs.view(np.dtype((np.void, 8 * n))).ravel().tolist())
+
+
+def overlapping_windows(windows: torch.Tensor, reference: torch.Tensor, n: int = NGRAM) -> int:
+    """How many rows of ``windows`` (m, T) share a run of ``n`` tokens with any row of ``reference``."""
+    ref = ngrams(reference, n)
+    return sum(not ref.isdisjoint(ngrams(w, n)) for w in windows)
+
+
+def disjoint_documents(documents: list[str], tokenizer, exclude: torch.Tensor, n: int = NGRAM) -> list[str]:
+    """The documents that share no run of ``n`` tokens with any window of ``exclude`` (m, T)."""
+    ref = ngrams(exclude, n)
+    ids = tokenizer(list(documents), verbose=False)["input_ids"]
+    return [d for d, t in zip(documents, ids) if ref.isdisjoint(ngrams(torch.tensor(t, dtype=torch.long), n))]
+
+
+def distillation_windows(tokenizer, source: str, nsamples: int, seqlen: int, seed: int,
+                         calibration: dict[str, Any] | None) -> tuple[torch.Tensor, dict[str, Any]]:
+    """(nsamples, seqlen) windows of ``source`` avoiding the recorded ``calibration`` windows, and a report.
+
+    ``calibration``: ``{"origin", "windows", "seqlen", "seed"}`` from the checkpoint summary, or None (no
+    exclusion possible).
+    """
+    docs = load_documents(source, "train")
+    info: dict[str, Any] = {"source": source, "windows": nsamples, "seqlen": seqlen, "seed": seed,
+                            "documents": len(docs), "ngram": NGRAM}
+    calib = None
+    if calibration is None:
+        log.warning("the checkpoint records no calibration windows: distillation windows may repeat them")
+        info["calibration_overlap"] = "unknown (no calibration record)"
+    elif calibration.get("origin") != source:
+        info["calibration_overlap"] = f"none possible (calibrated on {calibration.get('origin')!r})"
+    else:
+        calib = sample_windows(docs, tokenizer, int(calibration["windows"]), int(calibration["seqlen"]),
+                               int(calibration.get("seed", 0)))
+        docs = disjoint_documents(docs, tokenizer, calib)
+        info["excluded_documents"] = info["documents"] - len(docs)
+        if not docs:
+            raise DataError(f"every {source} document overlaps the calibration windows; pass another --calib "
+                            "or --allow-calibration-overlap")
+    tokens = sample_windows(docs, tokenizer, nsamples, seqlen, seed)
+    if calib is not None:
+        info["calibration_overlap"] = overlapping_windows(tokens, calib)
+    return tokens, info

@@ -13,6 +13,8 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -23,6 +25,7 @@ log = logging.getLogger(__name__)
 
 DEMO_MODEL = "smollm2"
 DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_MAGIC = b"GGUF"
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -55,12 +58,26 @@ def demo_gguf_path() -> Path:
     return path
 
 
+def _check_gguf(path: Path) -> Path:
+    """``path`` if it is a file starting with the GGUF magic bytes, else ModelError."""
+    if not path.is_file():
+        raise ModelError(f"GGUF file not found: {path}")
+    with path.open("rb") as f:
+        magic = f.read(4)
+    if magic != GGUF_MAGIC:
+        raise ModelError(f"{path} is not a GGUF file (it does not start with the bytes {GGUF_MAGIC!r})")
+    return path
+
+
 def _load_gguf(path: Path, dtype: torch.dtype | None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs = {"gguf_file": path.name}
-    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), dtype=dtype or torch.float32, **kwargs)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), dtype=dtype or torch.float32, **kwargs)
+    except (ValueError, KeyError, OSError) as exc:  # truncated file, unsupported architecture or tensor type
+        raise ModelError(f"cannot load the GGUF file {path}: {_first_line(exc)}") from exc
     return model, tokenizer
 
 
@@ -105,40 +122,113 @@ def is_neuqi_checkpoint(path: str | Path) -> bool:
     if not config.is_file():
         return False
     try:
-        qc = json.loads(config.read_text()).get("quantization_config") or {}
-    except (OSError, json.JSONDecodeError):
+        raw = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         return False
-    return qc.get("quant_method") == "neuqi"
+    qc = raw.get("quantization_config") if isinstance(raw, dict) else None
+    return isinstance(qc, dict) and qc.get("quant_method") == "neuqi"
+
+
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def _check_model_dir(path: Path) -> None:
+    """Refuse, before transformers reads anything, a local directory without a readable config.json or without
+    safetensors weights. Pickle weights (``pytorch_model.bin``) are never opened: unpickling can run code."""
+    config = path / "config.json"
+    if not config.is_file():
+        raise ModelError(f"{path} is not a model directory (no config.json)")
+    try:
+        json.loads(config.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(f"{config} is not valid JSON ({exc})") from None
+    if any(path.glob("*.safetensors")):
+        return
+    pickles = sorted(f.name for f in path.iterdir() if f.suffix in _PICKLE_SUFFIXES)
+    if pickles:
+        raise ModelError(
+            f"{path} holds only pickle weights ({', '.join(pickles)}); neuqi does not unpickle files (they can run "
+            "code): convert them to safetensors first (e.g. save_pretrained(..., safe_serialization=True))"
+        )
+    raise ModelError(f"{path} holds no weights (no *.safetensors file)")
+
+
+def check_causal_decoder(config) -> None:
+    """ModelError unless ``config`` describes a decoder-only causal LM (refuses T5/BART encoder-decoders and
+    BERT-style encoders, which transformers would otherwise wrap in a randomly initialised causal head)."""
+    kind = getattr(config, "model_type", None) or type(config).__name__
+    if getattr(config, "is_encoder_decoder", False):
+        raise ModelError(f"{kind} is an encoder-decoder model; neuqi quantizes decoder-only causal LMs")
+    if getattr(config, "is_decoder", None) is False:  # only encoder families (BERT, RoBERTa, ...) define it
+        raise ModelError(f"{kind} is an encoder model (is_decoder=False); neuqi quantizes decoder-only causal LMs")
+
+
+def _check_loading_info(source: str, info: dict) -> None:
+    """ModelError if transformers filled weights at random (missing), dropped some (unexpected) or resized them."""
+    problems = {k: sorted(info.get(k) or []) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    problems = {k.replace("_keys", ""): v for k, v in problems.items() if v}
+    if problems:
+        listed = "; ".join(f"{k}: {', '.join(map(str, v[:3]))}" + (f" (+{len(v) - 3})" if len(v) > 3 else "")
+                           for k, v in problems.items())
+        raise ModelError(f"the weights of {source} do not match its config.json ({listed})")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
+@contextmanager
+def _loading_errors(source: str, what: str = "model") -> Iterator[None]:
+    """Turn what transformers/safetensors raise for an unreadable model into one-line ModelErrors."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except OSError as exc:
+        where = "cannot read the local model" if Path(source).exists() else (
+            "not a local directory or .gguf file, and not reachable on the hub")
+        raise ModelError(f"cannot load {what} {source!r}: {where} ({_first_line(exc)})") from exc
+    except SafetensorError as exc:
+        raise ModelError(f"the safetensors weights of {source} cannot be read (truncated or corrupt?): {exc}") from exc
+    except (ValueError, KeyError) as exc:  # e.g. a config class AutoModelForCausalLM does not know
+        raise ModelError(f"cannot load {what} {source!r} ({_first_line(exc)})") from exc
+
+
+def _load_transformers(source: str, dtype: torch.dtype | None):
+    """(model, tokenizer) through AutoModelForCausalLM, refusing foreign or incomplete models (see above)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if Path(source).exists():
+        _check_model_dir(Path(source))
+    with _loading_errors(source):
+        config = AutoConfig.from_pretrained(source)
+    check_causal_decoder(config)
+    with _loading_errors(source, "the tokenizer of"):
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    with _loading_errors(source, "the causal LM"):
+        model, info = AutoModelForCausalLM.from_pretrained(
+            source, config=config, dtype=dtype or "auto", use_safetensors=True, output_loading_info=True
+        )
+    _check_loading_info(source, info)
+    return model, tokenizer
 
 
 def load_model(target: str | None = None, dtype: str | torch.dtype | None = "float32", device: str = "cpu"):
     """Load ``(model, tokenizer)`` from a hub id, a local directory, a ``.gguf`` file, a neuqi checkpoint, or the
-    demo model (``None`` or ``"smollm2"``). The model is in eval mode with the KV cache off."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    demo model (``None`` or ``"smollm2"``). The model is in eval mode with the KV cache off.
 
+    ModelError for anything that is not a complete decoder-only causal LM in safetensors or GGUF form."""
     torch_dtype = parse_dtype(dtype)
     if target is not None and target.endswith(".gguf"):
-        path = Path(target)
-        if not path.is_file():
-            raise ModelError(f"GGUF file not found: {target}")
-        model, tokenizer = _load_gguf(path, torch_dtype)
+        model, tokenizer = _load_gguf(_check_gguf(Path(target)), torch_dtype)
     elif target is not None and is_neuqi_checkpoint(target):
-        from ..formats.checkpoint import load  # packed low-bit checkpoint
+        from ..formats.checkpoint import load, load_tokenizer  # packed low-bit checkpoint
 
         model = load(target, device=device, dtype=torch_dtype)
-        tokenizer = AutoTokenizer.from_pretrained(target)
+        tokenizer = load_tokenizer(target)
     else:
-        source = resolve_model_path(target)
-        if Path(source).exists() and not (Path(source) / "config.json").is_file():
-            raise ModelError(f"{source} is not a model directory (no config.json)")
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(source)
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype or "auto")
-        except OSError as exc:
-            raise ModelError(
-                f"cannot load model {target!r}: not a local directory or .gguf file, and not reachable on the hub "
-                f"({exc.__class__.__name__}: {str(exc).splitlines()[0]})"
-            ) from exc
+        model, tokenizer = _load_transformers(resolve_model_path(target), torch_dtype)
     model.config.use_cache = False
     model.eval()
     return model.to(device), tokenizer

@@ -18,10 +18,12 @@ class Replay:
     Groups are quantized in execution order. Before the calibration pass for group t, groups 0..t−1 are final, so:
     * a child (the attention, the MLP) whose output is its tail linear's output (``adapters.trace_layer``): the
       tail's input for batch j is final once the groups before the tail's group are; it is recorded the next time
-      the tail runs, and from then on the child is computed as tail(recorded input), skipping e.g. the attention
-      core or the MLP's up projections;
+      the tail runs (a forward pre-hook), and from then on the child is computed as tail(recorded input), skipping
+      e.g. the attention core or the MLP's up projections;
     * any child: once the groups holding its linears are all final, its output for batch j is recorded the next
       time it runs and replayed after that.
+    A child that may be skipped is swapped for an ``adapters.StandIn`` (same name, same tensors) until ``close()``
+    puts it back.
     ``set_batch(j)`` must be called before running batch j; ``group_done()`` after each group is quantized.
     The recorded activations cost memory (for Llama, up to the MLP's intermediate width per calibration token);
     ``enabled=False`` recomputes everything instead.
@@ -31,6 +33,7 @@ class Replay:
         self.batch = 0
         self._done = 0
         self.enabled = enabled
+        self._layer = layer
         group_of = {name: i for i, group in enumerate(trace.groups) for name in group}
         self._children: list[_ReplayedChild] = []
         for name, child in layer.named_children():
@@ -38,7 +41,7 @@ class Replay:
             if used and not isinstance(child, nn.Linear):
                 tail, items = trace.tails.get(name, (None, 0))
                 self._children.append(_ReplayedChild(
-                    child, max(used), None if tail is None else layer.get_submodule(tail),
+                    name, child, max(used), None if tail is None else layer.get_submodule(tail),
                     group_of.get(tail, -1), items,
                 ))
         self._calls: dict[int, int] = {}
@@ -57,8 +60,9 @@ class Replay:
         for c in self._children:
             if c.tail is not None and c.record is None and self._done >= c.tail_group:
                 c.record = c.tail.register_forward_pre_hook(self._recorder(c))
-            if c.record is not None or self._done > c.last_group:
-                self._patch(c)
+            if (c.record is not None or self._done > c.last_group) and c.stand_in is None:
+                c.stand_in = adapters.StandIn(c.module, self._replaying_forward(c))
+                self._layer.set_submodule(c.name, c.stand_in)
 
     def _recorder(self, c: _ReplayedChild) -> Callable[..., None]:
         def record(_module: nn.Module, args: tuple) -> None:
@@ -67,10 +71,8 @@ class Replay:
 
         return record
 
-    def _patch(self, c: _ReplayedChild) -> None:
-        if c.patched:
-            return
-        original = c.module.forward
+    def _replaying_forward(self, c: _ReplayedChild) -> Callable[..., Any]:
+        """The forward of ``c``'s stand-in: a recorded output, else tail(recorded input), else the child itself."""
 
         def forward(*args: Any, **kwargs: Any) -> Any:
             n = self._calls[id(c)] = self._calls.get(id(c), -1) + 1
@@ -82,19 +84,19 @@ class Replay:
                 out = c.tail(x)
                 out = (out, *[None] * (c.items - 1)) if c.items else out
             else:
-                out = original(*args, **kwargs)
+                out = c.module(*args, **kwargs)
             if self._done > c.last_group:
                 c.outputs[key] = out
                 return _clone(out)
             return out
 
-        c.module.forward = forward
-        c.patched = True
+        return forward
 
     def close(self) -> None:
+        """Put every child back in place of its stand-in and remove the recording hooks."""
         for c in self._children:
-            if c.patched:
-                del c.module.forward  # the instance attribute; the class's forward shows again
+            if c.stand_in is not None:
+                self._layer.set_submodule(c.name, c.module)
             if c.record is not None:
                 c.record.remove()
         self._children.clear()
@@ -102,6 +104,7 @@ class Replay:
 
 @dataclass
 class _ReplayedChild:
+    name: str  # the child's attribute name in the layer
     module: nn.Module
     last_group: int  # index of the last group holding one of its linears
     tail: nn.Module | None  # the linear whose output is the child's output
@@ -110,7 +113,7 @@ class _ReplayedChild:
     inputs: dict[int, torch.Tensor] = field(default_factory=dict)  # batch -> the tail's final input
     outputs: dict[tuple[int, int], Any] = field(default_factory=dict)  # (batch, call) -> final output
     record: Any = None  # the recording hook's handle
-    patched: bool = False
+    stand_in: adapters.StandIn | None = None  # in the child's place while installed
 
 
 def _clone(out: Any) -> Any:

@@ -20,8 +20,8 @@ from __future__ import annotations
 import logging
 import resource
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -29,8 +29,9 @@ from torch import nn
 from ..errors import ConfigError, ModelError
 from ..quant import grid, solvers
 from ..quant.grid import QParams
-from . import adapters
+from . import adapters, sensitivity
 from .config import QuantConfig, needs_calibration
+from .records import LinearRecord, QuantResult
 from .replay import Replay
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,25 @@ log = logging.getLogger(__name__)
 InitFn = Callable[
     ..., tuple[torch.Tensor, torch.Tensor]
 ]  # init_params(weight, bits, group_size, method, ...)
+Sink = Callable[[int, torch.Tensor], None]  # sink(batch index, layer output) instead of returning the outputs
+
+
+class Collective(Protocol):
+    """What the layer loop needs from a process group (``neuqi.pipeline.distributed.Dist``); None: one process."""
+
+    def steps(self, n_local: int) -> int: ...  # max local batch count over ranks
+
+    def add_in_order(self, acc: torch.Tensor, gram: torch.Tensor | None) -> None: ...  # acc += g_0 + ... in rank order
+
+    def sum_int(self, n: int) -> int: ...
+
+    def rows(self, n: int) -> slice: ...  # this rank's output rows
+
+    def gather_rows(self, t: torch.Tensor, n: int) -> torch.Tensor: ...  # (local rows, ...) -> (n, ...)
+
+    def sum_floats(self, values: list[float | None]) -> list[float | None]: ...
+
+
 class _GroupInputSeen(Exception):
     """Stops a layer's forward once the linear group's input was accumulated; caught only in ``_hessian``."""
 
@@ -53,13 +73,14 @@ def _linears(layer: nn.Module) -> dict[str, nn.Linear]:
 
 
 def check_model(stack: adapters.DecoderStack, config: QuantConfig) -> None:
-    """Every linear of every layer must take ``config.group_size`` and hold finite weights (checked before
-    any work)."""
+    """Every linear of every layer must take its group size (``config.linear_format``) and hold finite weights
+    (checked before any work). Under ``bpw`` without a plan the planner picks group sizes that fit."""
     for i, layer in enumerate(stack.layers):
         for name, linear in _linears(layer).items():
             full = f"{stack.layer_name(i)}.{name}"
             try:
-                grid.resolve_group_size(linear.in_features, config.group_size)
+                if config.bpw is None or config.plan is not None:
+                    grid.resolve_group_size(linear.in_features, config.linear_format(full)[1])
             except ConfigError as exc:
                 raise ConfigError(f"{full}: {exc}") from None
             grid.check_finite(linear.weight, full)
@@ -73,34 +94,48 @@ def _call(layer: nn.Module, hidden: torch.Tensor, call: adapters.LayerCall) -> A
 def _hessian(
     layer: nn.Module,
     linear: nn.Linear,
-    hiddens: list[torch.Tensor],
+    hiddens: Sequence[torch.Tensor],
     call: adapters.LayerCall,
     replay: Replay,
+    dist: Collective | None = None,
 ) -> tuple[torch.Tensor, int]:
-    """(H = XᵀX / n_tokens (in, in) fp64, n_tokens) of the input X of ``linear`` over all batches."""
+    """(H = XᵀX / n_tokens (in, in) fp64, n_tokens) of the input X of ``linear`` over all batches.
+
+    H sums the per-batch fp32 Gram matrices in fp64 in batch order. With ``dist`` (rank r holds the global
+    batches r, r + W, ...), step t gathers the W Gram matrices of batches tW..tW+W−1 and every rank adds them in
+    rank order: the same additions in the same order as one process, so H is bit-identical."""
     acc = torch.zeros(
         linear.in_features, linear.in_features, dtype=torch.float64, device=linear.weight.device
     )
     count = [0]
+    grams: list[torch.Tensor] = []
 
     def pre(_module: nn.Module, args: tuple) -> None:
         x = args[0].reshape(-1, linear.in_features)  # (tokens, in)
-        acc.add_(gram(x))  # fp32 product, fp64 sum
+        if dist is None:
+            acc.add_(gram(x))  # fp32 product, fp64 sum
+        else:
+            grams.append(gram(x))
         count[0] += x.shape[0]
         raise _GroupInputSeen
 
     handle = linear.register_forward_pre_hook(pre)
     try:
-        for j, hidden in enumerate(hiddens):
-            replay.set_batch(j)
-            try:
-                _call(layer, hidden, call)
-            except _GroupInputSeen:
-                continue
-            raise ModelError(f"{type(linear).__name__} was not called by its layer's forward")
+        for j in range(len(hiddens) if dist is None else dist.steps(len(hiddens))):
+            if j < len(hiddens):
+                replay.set_batch(j)
+                try:
+                    _call(layer, hiddens[j], call)
+                except _GroupInputSeen:
+                    pass
+                else:
+                    raise ModelError(f"{type(linear).__name__} was not called by its layer's forward")
+            if dist is not None:
+                dist.add_in_order(acc, grams.pop() if grams else None)
     finally:
         handle.remove()
-    return acc / count[0], count[0]
+    n_tokens = count[0] if dist is None else dist.sum_int(count[0])
+    return acc / n_tokens, n_tokens
 
 
 def gram(x: torch.Tensor) -> torch.Tensor:
@@ -130,99 +165,145 @@ def _peak_memory(device: torch.device) -> dict[str, float]:
 
 
 def _quantize_linear(
-    name: str, linear: nn.Linear, hessian: torch.Tensor | None, config: QuantConfig, init_fn: InitFn
-) -> tuple[dict[str, Any], QParams]:
+    name: str, linear: nn.Linear, hessian: torch.Tensor | None, config: QuantConfig, init_fn: InitFn,
+    dist: Collective | None = None,
+) -> tuple[LinearRecord, QParams]:
     """Fit parameters, solve, write Ŵ back into ``linear``; returns (record, QParams). ``hessian`` None: RTN with
-    an unweighted initializer (no calibration), whose records carry no losses."""
+    an unweighted initializer (no calibration), whose records carry no losses.
+
+    With ``dist`` each rank fits and solves its block of output rows (both are row-independent given H; the
+    act-order permutation comes from diag(H), shared) and Ŵ, s, Z are gathered; the losses are the rank-order
+    sums of the per-rank losses."""
     start = time.perf_counter()
-    weight = linear.weight.detach().float()  # (out, in) fp32 master copy
-    g = grid.resolve_group_size(weight.shape[1], config.group_size)
+    n_out = linear.weight.shape[0]
+    weight = linear.weight.detach()[slice(None) if dist is None else dist.rows(n_out)].float()  # (out, in) fp32
+    bits, group_size = config.linear_format(name)  # the plan's choice under --bpw, else the config's
+    g = grid.resolve_group_size(weight.shape[1], group_size)
     # (in,) spec §3: diag of the damped H
     h = None if hessian is None else solvers.damped_diagonal(hessian, config.damping).float()
 
     def fit(w: torch.Tensor, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cols = (groups.unsqueeze(1) * g + torch.arange(g, device=groups.device)).flatten()
-        s, z = init_fn(w, config.bits, g, method=config.init, hessian_diag=None if h is None else h[cols],
+        s, z = init_fn(w, bits, g, method=config.init, hessian_diag=None if h is None else h[cols],
                        **config.init_options)
         return grid.to_storage(s, z)
 
-    record: dict[str, Any] = {
-        "name": name,
-        "shape": list(weight.shape),
-        "init_loss": None,
-        "loss_before": None,
-        "init_seconds": None,
-    }
+    record = LinearRecord(name=name, shape=tuple(linear.weight.shape), bits=bits, group_size=group_size,
+                          seconds=0.0)
     scale = zero = None
-    if config.param_fit == "static" or config.method == "rtn":
+    if config.param_fit == "static" or config.solver == "rtn":
         scale, zero = fit(weight, torch.arange(weight.shape[1] // g, device=weight.device))
-        record["init_seconds"] = round(time.perf_counter() - start, 4)
+        record.init_seconds = round(time.perf_counter() - start, 4)
         if hessian is not None:
-            w_rtn = grid.fake_quantize(weight, scale, zero, config.bits, g)
-            record["init_loss"] = float((((w_rtn - weight) ** 2) * h).sum())
-            record["loss_before"] = solvers.proxy_loss(w_rtn, weight, hessian)
-    solver = solvers.get_solver(config.method)
-    res = solver(
-        weight,
-        hessian,
-        scale,
-        zero,
-        config.bits,
-        g,
-        act_order=config.act_order,
-        damp=config.damping,
-        block_size=config.block_size,
-        fit=None if scale is not None else fit,
-        name=name,
-    )
+            w_rtn = grid.fake_quantize(weight, scale, zero, bits, g)
+            record.init_loss = float((((w_rtn - weight) ** 2) * h).sum())
+            record.loss_before = solvers.proxy_loss(w_rtn, weight, hessian)
+    solver = solvers.get_solver(config.solver)
+    res = solver(weight, hessian, scale, zero, bits, g, act_order=config.act_order, damp=config.damping,
+                 block_size=config.block_size, fit=None if scale is not None else fit, name=name)
+    w_hat, scale, zero = res.weight, res.scale, res.zero_point
+    record.loss = None if hessian is None else res.loss
+    if dist is not None:
+        w_hat, scale, zero = (dist.gather_rows(t, n_out) for t in (w_hat, scale, zero))
+        record.loss, record.loss_before, record.init_loss = dist.sum_floats(
+            [record.loss, record.loss_before, record.init_loss])
     with torch.no_grad():
-        linear.weight.copy_(res.weight.to(linear.weight.dtype))
-    loss = None if hessian is None else res.loss
-    record.update(loss=loss, damping=res.damping, seconds=round(time.perf_counter() - start, 4))
-    qp = QParams(res.scale.cpu(), res.zero_point.cpu(), config.bits, config.group_size)
-    return record, qp
+        linear.weight.copy_(w_hat.to(linear.weight.dtype))
+    record.damping = res.damping
+    record.seconds = round(time.perf_counter() - start, 4)
+    return record, QParams(scale.cpu(), zero.cpu(), bits, group_size)
 
 
 def _quantize_layer(
     layer: nn.Module,
     prefix: str,
     modules: dict[str, nn.Linear],
-    hiddens: list[torch.Tensor],
+    hiddens: Sequence[torch.Tensor],
     call: adapters.LayerCall,
     config: QuantConfig,
     init_fn: InitFn,
-    records: list[dict[str, Any]],
+    records: list[LinearRecord],
     qparams: dict[str, QParams],
     replay_activations: bool = True,
+    dist: Collective | None = None,
+    sink: Sink | None = None,
 ) -> list[torch.Tensor]:
-    """Quantize one layer group by group (appending to ``records`` and ``qparams``); returns its outputs."""
+    """Quantize one layer group by group (appending to ``records`` and ``qparams``); returns its outputs (or
+    hands output j to ``sink(j, output)`` and returns [])."""
     trace = adapters.trace_layer(layer, lambda: _call(layer, hiddens[0][:1], call))
     replay = Replay(layer, trace, replay_activations)
     try:
         for group in trace.groups:
-            hessian, n_tokens = _hessian(layer, modules[group[0]], hiddens, call, replay)
+            hessian, n_tokens = _hessian(layer, modules[group[0]], hiddens, call, replay, dist)
             for name in group:
-                record, qp = _quantize_linear(f"{prefix}.{name}", modules[name], hessian, config, init_fn)
-                record["tokens"] = n_tokens
+                record, qp = _quantize_linear(f"{prefix}.{name}", modules[name], hessian, config, init_fn, dist)
+                record.tokens = n_tokens
                 records.append(record)
-                qparams[record["name"]] = qp
-                log.info(
-                    "%s %s: loss %.5g (rtn %s) damp %.3g, %.2f s",
-                    record["name"],
-                    tuple(record["shape"]),
-                    record["loss"],
-                    "-" if record["loss_before"] is None else f"{record['loss_before']:.5g}",
-                    record["damping"],
-                    record["seconds"],
-                )
+                qparams[record.name] = qp
+                log.info("%s %s: loss %.5g (rtn %.5g) damp %.3g, %.2f s", record.name, record.shape, record.loss,
+                         record.loss_before if record.loss_before is not None else float("nan"), record.damping,
+                         record.seconds)
             replay.group_done()
-        outputs = []
-        for j, h in enumerate(hiddens):
+        outputs: list[torch.Tensor] = []
+        for j in range(len(hiddens)):
             replay.set_batch(j)
-            outputs.append(adapters.layer_output(_call(layer, h, call)))
+            out = adapters.layer_output(_call(layer, hiddens[j], call))
+            if sink is None:
+                outputs.append(out)
+            else:
+                sink(j, out)
         return outputs
     finally:
         replay.close()
+
+
+def quantize_layer(
+    layer: nn.Module,
+    prefix: str,
+    hiddens: Sequence[torch.Tensor] | None,
+    call: adapters.LayerCall | None,
+    config: QuantConfig,
+    init_fn: InitFn,
+    replay_activations: bool = True,
+    dist: Collective | None = None,
+    sink: Sink | None = None,
+) -> tuple[list[LinearRecord], dict[str, QParams], list[torch.Tensor] | None]:
+    """Quantize the linears of one decoder layer (already on the compute device) in place: (records, {qualified
+    name: QParams}, the layer's outputs for the next layer). ``hiddens`` None: RTN without calibration (outputs
+    None). ``prefix``: the layer's qualified name, e.g. ``model.layers.3``."""
+    records: list[LinearRecord] = []
+    qparams: dict[str, QParams] = {}
+    modules = _linears(layer)
+    if hiddens is None:  # RTN without calibration: every linear, no Hessian
+        for name, module in modules.items():
+            record, qp = _quantize_linear(f"{prefix}.{name}", module, None, config, init_fn, dist)
+            records.append(record)
+            qparams[record.name] = qp
+        return records, qparams, None
+    outputs = _quantize_layer(layer, prefix, modules, hiddens, call, config, init_fn, records, qparams,
+                              replay_activations, dist, sink)
+    return records, qparams, outputs
+
+
+def _check_tokens(tokens: torch.Tensor) -> None:
+    if tokens.dim() != 2 or tokens.dtype != torch.long or tokens.numel() == 0:
+        raise ConfigError(f"calibration tokens must be a non-empty (n, seqlen) LongTensor, got {tokens.dtype} "
+                          f"{tuple(tokens.shape)}")
+
+
+def _capture(model: nn.Module, stack: adapters.DecoderStack, tokens: torch.Tensor, config: QuantConfig,
+             device: torch.device) -> tuple[list[torch.Tensor], list[adapters.LayerCall]]:
+    """The hidden states entering layer 0 for every calibration batch, and each layer's call arguments; the stem
+    (embeddings) runs on ``device`` and goes back where it was."""
+    home = next(model.parameters()).device
+    stem = [model.get_submodule(n) for n in stack.stem]
+    for m in stem:
+        m.to(device)
+    try:
+        return adapters.capture_inputs(model, stack, [b.to(device) for b in tokens.split(config.batch_size)])
+    finally:
+        for m in stem:
+            m.to(home)
 
 
 @torch.no_grad()
@@ -234,96 +315,57 @@ def quantize_model(
     progress: bool = True,
     init_fn: InitFn | None = None,
     replay_activations: bool = True,
-) -> dict[str, Any]:
+) -> QuantResult:
     """Quantize the decoder linears of ``model`` in place on ``calibration_tokens`` (n, seqlen) LongTensor.
 
     ``device``: where each layer is computed (default: where the model is); only one layer is there at a time.
     ``init_fn``: the parameter initializer (default ``neuqi.init.init_params``).
     ``replay_activations``: keep the inputs and outputs of a layer's finished sub-blocks to skip recomputing them
     (same result, about half the forward work; False saves that memory, see ``Replay``).
-    Returns a summary: ``config``, per-linear ``records`` {name, shape, init_loss, loss_before, loss, damping,
-    seconds, init_seconds, tokens}, ``totals``, ``timings``, ``memory``, and ``qparams`` {qualified name:
-    QParams} for ``neuqi.packed.pack_model``.
+    Returns a ``QuantResult``: the config, one ``LinearRecord`` per linear, timings, peak memory, and ``qparams``
+    {qualified name: QParams} for ``neuqi.formats.packed.pack_model``.
     """
     from tqdm.auto import tqdm
 
-    if (
-        calibration_tokens.dim() != 2
-        or calibration_tokens.dtype != torch.long
-        or calibration_tokens.numel() == 0
-    ):
-        raise ConfigError(
-            f"calibration tokens must be a non-empty (n, seqlen) LongTensor, got "
-            f"{calibration_tokens.dtype} {tuple(calibration_tokens.shape)}"
-        )
+    _check_tokens(calibration_tokens)
     stack = adapters.find_stack(model)
     check_model(stack, config)
     init_fn = init_fn or _default_init()
     home = next(model.parameters()).device
     device = torch.device(device) if device is not None else home
+    plan_report = None
+    if config.bpw is not None and config.plan is None:  # mixed precision: choose (bits, group) per linear first
+        config, plan_report = sensitivity.plan_for_budget(model, calibration_tokens, config, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     was_training = model.training
     model.eval()
     t0 = time.perf_counter()
 
-    hiddens: list[torch.Tensor] | None = None
-    calls: list[adapters.LayerCall] = []
-    if needs_calibration(config):
-        stem = [model.get_submodule(n) for n in stack.stem]
-        for m in stem:
-            m.to(device)
-        try:
-            batches = [b.to(device) for b in calibration_tokens.split(config.batch_size)]
-            hiddens, calls = adapters.capture_inputs(model, stack, batches)
-        finally:
-            for m in stem:
-                m.to(home)
+    hiddens, calls = _capture(model, stack, calibration_tokens, config, device) if needs_calibration(config) else (
+        None, [])
     timings: dict[str, Any] = {"capture_s": round(time.perf_counter() - t0, 3), "layers_s": []}
 
-    records: list[dict[str, Any]] = []
+    records: list[LinearRecord] = []
     qparams: dict[str, QParams] = {}
     for i in tqdm(range(len(stack.layers)), desc="quantize", unit="layer", disable=not progress):
         t_layer = time.perf_counter()
         layer = stack.layers[i].to(device)
-        prefix = stack.layer_name(i)
-        modules = _linears(layer)
-        if hiddens is None:  # RTN without calibration: every linear, no Hessian
-            for name, module in modules.items():
-                record, qp = _quantize_linear(f"{prefix}.{name}", module, None, config, init_fn)
-                records.append(record)
-                qparams[record["name"]] = qp
-        else:
-            hiddens = _quantize_layer(layer, prefix, modules, hiddens, calls[i], config, init_fn, records, qparams,
-                                      replay_activations)
+        layer_records, layer_qparams, outputs = quantize_layer(
+            layer, stack.layer_name(i), hiddens, calls[i] if calls else None, config, init_fn, replay_activations)
+        records += layer_records
+        qparams.update(layer_qparams)
+        hiddens = outputs
         stack.layers[i].to(home)
         timings["layers_s"].append(round(time.perf_counter() - t_layer, 3))
 
     model.train(was_training)
     timings["total_s"] = round(time.perf_counter() - t0, 3)
 
-    def total(key: str) -> float | None:
-        values = [r[key] for r in records]
-        return None if any(v is None for v in values) else float(sum(values))
-
-    return {
-        "config": config.to_dict(),
-        "model": type(model).__name__,
-        "layers": len(stack.layers),
-        "calibration": {
-            "windows": calibration_tokens.shape[0],
-            "seqlen": calibration_tokens.shape[1],
-            "tokens": calibration_tokens.numel(),
-        },
-        "device": str(device),
-        "records": records,
-        "totals": {
-            "linears": len(records),
-            "loss": total("loss"),
-            "loss_before": total("loss_before"),
-            "init_loss": total("init_loss"),
-        },
-        "timings": timings,
-        "memory": _peak_memory(device),
-        "qparams": qparams,
-    }
+    return QuantResult(
+        config=config, records=records, qparams=qparams, model={"class": type(model).__name__},
+        layers=len(stack.layers), device=str(device), timings=timings, memory=_peak_memory(device),
+        calibration={"windows": calibration_tokens.shape[0], "seqlen": calibration_tokens.shape[1],
+                     "tokens": calibration_tokens.numel()},
+        extra={} if plan_report is None else {"plan": plan_report},
+    )

@@ -60,7 +60,8 @@ def init_params(
     hessian_diag: torch.Tensor | None = None,
     **options,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, zero_point), fp32 of shape (out, in // group_size), from the registered ``method``.
+    """(scale, zero_point), fp32 of shape (out, in // group_size), from the registered ``method``. ``weight`` may be
+    an ``nn.Parameter``; the results never carry autograd history.
 
     Raises ConfigError for an unknown method or option, bits outside 2..8 or a group size that does not divide
     ``in``; WeightError for NaN/Inf weights or a bad ``hessian_diag`` — before any work starts.
@@ -84,11 +85,13 @@ def _check_inputs(
     if weight.dim() != 2 or not weight.is_floating_point():
         raise WeightError(f"weight must be a 2-D float tensor (out, in), got {tuple(weight.shape)} {weight.dtype}")
     group_size = resolve_group_size(weight.shape[1], group_size)
-    check_finite(weight)
+    weight = weight.detach()  # a Parameter is accepted; the results are plain tensors
+    check_finite(weight, limit=None)
     if hessian_diag is not None:
         if hessian_diag.shape != (weight.shape[1],):
             raise ConfigError(f"hessian_diag must have shape ({weight.shape[1]},), got {tuple(hessian_diag.shape)}")
-        check_finite(hessian_diag, "hessian_diag")
+        hessian_diag = hessian_diag.detach()
+        check_finite(hessian_diag, "hessian_diag", limit=None)
         if (hessian_diag < 0).any():
             raise WeightError("hessian_diag must be nonnegative (it is diag(XᵀX))")
         hessian_diag = hessian_diag.to(device=weight.device, dtype=torch.float32)

@@ -12,6 +12,9 @@
 * ``export_gptq``: an integer zero-point, GPTQ-like layout for engines that cannot take a float zero-point.
   Explicitly LOSSY: Z is rounded to an integer in [0, M] and the codes re-chosen by RTN with the stored
   scales; the per-layer weight MSE this adds is returned and should be reported.
+* ``export_mlx``: an mlx-lm model directory (MLX affine mode, w = scale·q + bias with bias = −s·Z; bits 2..6, 8;
+  groups 32/64/128; per-layer overrides for mixed precision). Exact with fp32 scales/biases; with fp16 (the
+  default, mlx-lm's size) the bias is rounded: at most |Z|·2^-11 quantization steps.
 """
 
 
@@ -19,6 +22,7 @@ from .fp16 import export_fp16
 from .gguf import export_gguf_q4_1, q4_1_blocks
 from .gptq import LayerLoss, export_gptq, gptq_layer, total_loss
 from .hqq import export_hqq, hqq_layer_state
+from .mlx import export_mlx, mlx_layer_tensors, mlx_quantization_config
 
-__all__ = ["LayerLoss", "export_fp16", "export_gguf_q4_1", "export_gptq", "export_hqq", "gptq_layer",
-           "hqq_layer_state", "q4_1_blocks", "total_loss"]
+__all__ = ["LayerLoss", "export_fp16", "export_gguf_q4_1", "export_gptq", "export_hqq", "export_mlx", "gptq_layer",
+           "hqq_layer_state", "mlx_layer_tensors", "mlx_quantization_config", "q4_1_blocks", "total_loss"]

@@ -106,6 +106,73 @@ def _gguf_tokenizer_copy(writer: Any, source: str | os.PathLike) -> None:
             writer.add_key_value(key, field.contents(), field.types[0], sub)
 
 
+def _llama_shape(cfg: Any) -> tuple[str, int, dict[str, Any]]:
+    """(GGUF architecture, head dim, RoPE parameters) of a config; ConfigError if it is not supported."""
+    arch = _GGUF_ARCHS.get(cfg.model_type)
+    if arch is None:
+        raise ConfigError(
+            f"GGUF export supports {sorted(_GGUF_ARCHS)} models, got model_type {cfg.model_type!r}"
+        )
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise ConfigError(f"GGUF export does not support RoPE scaling ({rope}) yet")
+    return arch, head_dim, rope
+
+
+def _add_hyperparameters(writer: Any, cfg: Any, head_dim: int, rope: dict[str, Any]) -> None:
+    import gguf
+
+    writer.add_name(getattr(cfg, "_name_or_path", "") or "neuqi model")
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))))
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_vocab_size(cfg.vocab_size)
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_1)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def _add_tensors(writer: Any, model: nn.Module, float_type: str) -> float:
+    """Add every tensor of ``model`` under its GGUF name (q/k rows in llama.cpp RoPE order): quantized linears as
+    Q4_1 blocks, other matrices as ``float_type``, vectors as f32. Returns the max |Δw|/s of the Q4_1 blocks."""
+    import gguf
+    import numpy as np
+
+    cfg = model.config
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
+    quant = quantized_tensor_keys(model)
+    worst = 0.0
+    for key, t in _unique_tensors(model):
+        if key in quant and not key.endswith(".qweight"):
+            continue
+        stem = key.rsplit(".", 1)[0]
+        name = names.get_name(
+            stem + (".weight" if key in quant else "." + key.rsplit(".", 1)[1]),
+            try_suffixes=(".weight", ".bias"),
+        )
+        if name is None:
+            raise ConfigError(f"no GGUF tensor name for {key!r}")
+        heads = (cfg.num_attention_heads if stem.endswith("q_proj")
+                 else cfg.num_key_value_heads if stem.endswith("k_proj") else None)
+        if key in quant:
+            raw, err = q4_1_blocks(quant[key])
+            worst = max(worst, err)
+            raw = _rope_permute(raw, heads) if heads else raw
+            writer.add_tensor(name, raw.numpy(), raw_dtype=gguf.GGMLQuantizationType.Q4_1)
+        else:
+            t = t.detach().float().cpu()
+            t = _rope_permute(t, heads) if heads else t
+            np_dtype = np.float16 if (t.dim() > 1 and float_type == "f16") else np.float32
+            writer.add_tensor(name, t.numpy().astype(np_dtype))
+    return worst
+
+
 def export_gguf_q4_1(
     model: nn.Module,
     out_path: str | os.PathLike,
@@ -120,73 +187,27 @@ def export_gguf_q4_1(
     Unquantized matrices are stored as ``float_type`` ("f16" or "f32"), norms as f32. The vocabulary comes
     from ``tokenizer_gguf`` (copied verbatim, best) or a byte-level BPE ``tokenizer`` with pre-tokenizer name
     ``tokenizer_pre`` (llama.cpp only knows its own names, e.g. "smollm", "llama-bpe"); without either,
-    llama.cpp cannot load the file (gguf-py and transformers still can).
+    llama.cpp cannot load the file (gguf-py and transformers still can). The file is written under a temporary
+    name and renamed at the end.
     """
     import gguf
-    import numpy as np
 
-    cfg = model.config
-    arch = _GGUF_ARCHS.get(cfg.model_type)
-    if arch is None:
-        raise ConfigError(
-            f"GGUF export supports {sorted(_GGUF_ARCHS)} models, got model_type {cfg.model_type!r}"
-        )
+    arch, head_dim, rope = _llama_shape(model.config)
     if float_type not in ("f16", "f32"):
         raise ConfigError(f"float_type must be 'f16' or 'f32', got {float_type!r}")
     out = Path(out_path)
     if out.exists() and not overwrite:
         raise ConfigError(f"{out} exists; pass overwrite=True (CLI: --overwrite) to replace it")
-    n_layers, n_head, n_kv = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_head
-    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise ConfigError(f"GGUF export does not support RoPE scaling ({rope}) yet")
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     writer = gguf.GGUFWriter(tmp, arch)
-    writer.add_name(getattr(cfg, "_name_or_path", "") or "neuqi model")
-    writer.add_context_length(cfg.max_position_embeddings)
-    writer.add_embedding_length(cfg.hidden_size)
-    writer.add_block_count(n_layers)
-    writer.add_feed_forward_length(cfg.intermediate_size)
-    writer.add_head_count(n_head)
-    writer.add_head_count_kv(n_kv)
-    writer.add_rope_dimension_count(head_dim)
-    writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))))
-    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    writer.add_vocab_size(cfg.vocab_size)
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_1)
-    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    _add_hyperparameters(writer, model.config, head_dim, rope)
     if tokenizer_gguf is not None:
         _gguf_tokenizer_copy(writer, tokenizer_gguf)
     elif tokenizer is not None:
-        _gguf_tokenizer_from_hf(writer, tokenizer, cfg.vocab_size, tokenizer_pre)
+        _gguf_tokenizer_from_hf(writer, tokenizer, model.config.vocab_size, tokenizer_pre)
     else:
         log.warning("GGUF export without a tokenizer: llama.cpp will not load %s", out)
-
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)
-    quant = quantized_tensor_keys(model)
-    worst = 0.0
-    for key, t in _unique_tensors(model):
-        if key in quant and not key.endswith(".qweight"):
-            continue
-        stem = key.rsplit(".", 1)[0]
-        name = names.get_name(
-            stem + (".weight" if key in quant else "." + key.rsplit(".", 1)[1]),
-            try_suffixes=(".weight", ".bias"),
-        )
-        if name is None:
-            raise ConfigError(f"no GGUF tensor name for {key!r}")
-        heads = n_head if stem.endswith("q_proj") else n_kv if stem.endswith("k_proj") else None
-        if key in quant:
-            raw, err = q4_1_blocks(quant[key])
-            worst = max(worst, err)
-            raw = _rope_permute(raw, heads) if heads else raw
-            writer.add_tensor(name, raw.numpy(), raw_dtype=gguf.GGMLQuantizationType.Q4_1)
-        else:
-            t = t.detach().float().cpu()
-            t = _rope_permute(t, heads) if heads else t
-            np_dtype = np.float16 if (t.dim() > 1 and float_type == "f16") else np.float32
-            writer.add_tensor(name, t.numpy().astype(np_dtype))
+    worst = _add_tensors(writer, model, float_type)
     try:
         writer.write_header_to_file()
         writer.write_kv_data_to_file()

@@ -63,6 +63,19 @@ def gptq_layer(layer: QuantLinear) -> tuple[dict[str, torch.Tensor], LayerLoss]:
     return tensors, loss
 
 
+def common_group_size(layers: list[QuantLinear]) -> int:
+    """The one ``group_size`` of GPTQ's config that describes every layer: g, or -1 if all are channel-wise.
+
+    A layer whose input width equals its group size is both group-g and channel-wise, so it fits either.
+    """
+    fits = [{layer.group_size} | ({-1} if layer.group_size == layer.in_features else set()) for layer in layers]
+    common = set.intersection(*fits) if fits else set()
+    if not common:
+        found = sorted({-1 if layer.group_size == layer.in_features else layer.group_size for layer in layers})
+        raise ConfigError(f"GPTQ export needs one group size for all layers, got {found} (-1: channel-wise)")
+    return -1 if -1 in common else common.pop()
+
+
 def export_gptq(
     model: nn.Module, out_dir: str | os.PathLike, tokenizer: Any = None, overwrite: bool = False
 ) -> dict[str, LayerLoss]:
@@ -87,13 +100,12 @@ def export_gptq(
             layer_tensors, losses[name] = gptq_layer(quant[key])
             tensors.update({f"{name}.{k}": v.cpu() for k, v in layer_tensors.items()})
     bits = {layer.bits for layer in quant.values()}
-    groups = {-1 if layer.group_size == layer.in_features else layer.group_size for layer in quant.values()}
-    if len(bits) != 1 or len(groups) != 1:
-        raise ConfigError("GPTQ export needs one bit width and group size for all layers")
+    if len(bits) != 1:
+        raise ConfigError(f"GPTQ export needs one bit width for all layers, got {sorted(bits)}")
     qconfig = {
         "quant_method": "gptq",
         "bits": bits.pop(),
-        "group_size": groups.pop(),
+        "group_size": common_group_size(list(quant.values())),
         "desc_act": False,
         "sym": False,
         "checkpoint_format": "gptq_v2",

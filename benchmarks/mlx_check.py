@@ -1,0 +1,110 @@
+"""Does mlx-lm run our MLX export of a real checkpoint as we do? Perplexity on a few short windows and a generation.
+
+For a neuqi checkpoint (e.g. SmolLM2 W3 g64 from ``neuqi quantize``): export it with ``export_mlx`` (``--scale-dtype``),
+load it with ``mlx_lm.load``, and compare
+  * the weights: max |mx.dequantize(...) − ŵ| in quantization steps s, over every quantized linear;
+  * WikiText-2 perplexity on the first ``--windows`` windows of ``--seqlen`` tokens: mlx-lm's forward against
+    ours (``neuqi.eval.perplexity``, same windows, same GPTQ convention);
+  * ``mlx_lm.generate`` on a short chat prompt: the text it produces.
+MLX's CPU backend is slow on this machine: keep windows short.
+
+    OMP_NUM_THREADS=1 python benchmarks/mlx_check.py CHECKPOINT --windows 3 --seqlen 256
+
+Prints the numbers and writes ``--out`` (JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from neuqi.eval import perplexity
+from neuqi.eval.perplexity import corpus_ids
+from neuqi.formats.checkpoint import load, load_tokenizer
+from neuqi.formats.exports import export_mlx
+from neuqi.formats.packed import quantized_linears
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("checkpoint", type=Path)
+    p.add_argument("--scale-dtype", default="float16", choices=("float16", "float32"))
+    p.add_argument("--windows", type=int, default=3)
+    p.add_argument("--seqlen", type=int, default=256)
+    p.add_argument("--prompt", default="What is the capital of France?")
+    p.add_argument("--max-tokens", type=int, default=24)
+    p.add_argument("--out", default="benchmarks/results/mlx_check.json")
+    return p.parse_args(argv)
+
+
+def weight_steps(model: torch.nn.Module, mlx_model: Any) -> float:
+    """max over layers of max |MLX's dequantized weight − ŵ| / s (quantization steps)."""
+    import mlx.core as mx
+
+    modules = dict(mlx_model.named_modules())
+    worst = 0.0
+    for name, layer in quantized_linears(model):
+        m = modules[name]
+        w = np.array(mx.dequantize(m.weight, m.scales, m.biases, m.group_size, m.bits).astype(mx.float32))
+        s = layer.scales.float().repeat_interleave(layer.group_size, 1).numpy()
+        worst = max(worst, float((np.abs(w - layer.dequantized_weight().detach().numpy()) / s).max()))
+    return worst
+
+
+def mlx_perplexity(mlx_model: Any, windows: torch.Tensor) -> float:
+    """GPTQ-convention perplexity of the MLX model: exp(mean over windows of the mean next-token NLL)."""
+    import mlx.core as mx
+
+    nlls = []
+    for ids in windows:
+        logits = torch.from_numpy(np.array(mlx_model(mx.array(ids[None].numpy())).astype(mx.float32)))[0]
+        nlls.append(torch.nn.functional.cross_entropy(logits[:-1], ids[1:]).item())
+    return math.exp(float(np.mean(nlls)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    import mlx_lm
+
+    args = parse_args(argv)
+    model, tokenizer = load(args.checkpoint), load_tokenizer(args.checkpoint)
+    result: dict[str, Any] = {"checkpoint": str(args.checkpoint), "scale_dtype": args.scale_dtype,
+                              "windows": args.windows, "seqlen": args.seqlen}
+    t0 = time.perf_counter()
+    ours = perplexity(model, tokenizer, "wikitext2", seqlen=args.seqlen, max_windows=args.windows, progress=False)
+    result.update(ppl_ours=ours["ppl"], seconds_ours=round(time.perf_counter() - t0, 1))
+    print(f"ours: ppl {ours['ppl']:.4f} ({result['seconds_ours']} s)", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "mlx"
+        export_mlx(model, out, tokenizer, scale_dtype=args.scale_dtype)
+        result["export_mib"] = round(sum(f.stat().st_size for f in out.iterdir()) / 2**20, 1)
+        mlx_model, mlx_tok = mlx_lm.load(str(out))
+        result["max_weight_error_steps"] = weight_steps(model, mlx_model)
+        print(f"max |Δw| = {result['max_weight_error_steps']:.2e} quantization steps", flush=True)
+        windows = corpus_ids(tokenizer, "wikitext2")[: args.windows * args.seqlen].view(args.windows, args.seqlen)
+        t0 = time.perf_counter()
+        result["ppl_mlx"] = mlx_perplexity(mlx_model, windows)
+        result["seconds_mlx"] = round(time.perf_counter() - t0, 1)
+        print(f"mlx-lm: ppl {result['ppl_mlx']:.4f} ({result['seconds_mlx']} s)", flush=True)
+        prompt = mlx_tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
+        t0 = time.perf_counter()
+        result["generated"] = mlx_lm.generate(mlx_model, mlx_tok, prompt, max_tokens=args.max_tokens)
+        result["seconds_generate"] = round(time.perf_counter() - t0, 1)
+        print(f"mlx_lm.generate ({result['seconds_generate']} s): {result['generated']!r}", flush=True)
+    result["relative_ppl_difference"] = abs(result["ppl_mlx"] - result["ppl_ours"]) / result["ppl_ours"]
+    result["same_to_3_significant_digits"] = f"{result['ppl_mlx']:.3g}" == f"{result['ppl_ours']:.3g}"
+    print(json.dumps(result, indent=2))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
