@@ -2,7 +2,9 @@
 
 For a neuqi checkpoint (e.g. SmolLM2 W3 g64 from ``neuqi quantize``): export it with ``export_mlx`` (``--scale-dtype``),
 load it with ``mlx_lm.load``, and compare
-  * the weights: max |mx.dequantize(...) − ŵ| in quantization steps s, over every quantized linear;
+  * the weights: max |mx.dequantize(...) − ŵ| in quantization steps s, over every quantized linear (with fp16 scales
+  this includes mx.dequantize's own fp16 output rounding), and the rounding of the stored bias −s·Z alone (all that
+  mlx-lm's quantized matmul sees with fp32 activations);
   * WikiText-2 perplexity on the first ``--windows`` windows of ``--seqlen`` tokens: mlx-lm's forward against
     ours (``neuqi.eval.perplexity``, same windows, same GPTQ convention);
   * ``mlx_lm.generate`` on a short chat prompt: the text it produces.
@@ -59,6 +61,16 @@ def weight_steps(model: torch.nn.Module, mlx_model: Any) -> float:
     return worst
 
 
+def bias_steps(model: torch.nn.Module, dtype: torch.dtype) -> float:
+    """max over layers of |dtype(−s·Z) − (−s·Z)| / s: what storing the bias in ``dtype`` costs, in steps."""
+    worst = 0.0
+    for _, layer in quantized_linears(model):
+        s = layer.scales.float()
+        bias = -(s * layer.zeros.float())  # exact in fp32
+        worst = max(worst, float(((bias.to(dtype).float() - bias).abs() / s).max()))
+    return worst
+
+
 def mlx_perplexity(mlx_model: Any, windows: torch.Tensor) -> float:
     """GPTQ-convention perplexity of the MLX model: exp(mean over windows of the mean next-token NLL)."""
     import mlx.core as mx
@@ -87,7 +99,9 @@ def main(argv: list[str] | None = None) -> int:
         result["export_mib"] = round(sum(f.stat().st_size for f in out.iterdir()) / 2**20, 1)
         mlx_model, mlx_tok = mlx_lm.load(str(out))
         result["max_weight_error_steps"] = weight_steps(model, mlx_model)
-        print(f"max |Δw| = {result['max_weight_error_steps']:.2e} quantization steps", flush=True)
+        result["max_bias_rounding_steps"] = bias_steps(model, getattr(torch, args.scale_dtype))
+        print(f"max |Δw| of mx.dequantize = {result['max_weight_error_steps']:.2e} quantization steps "
+              f"(bias rounding alone: {result['max_bias_rounding_steps']:.2e})", flush=True)
         windows = corpus_ids(tokenizer, "wikitext2")[: args.windows * args.seqlen].view(args.windows, args.seqlen)
         t0 = time.perf_counter()
         result["ppl_mlx"] = mlx_perplexity(mlx_model, windows)

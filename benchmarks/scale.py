@@ -208,9 +208,28 @@ def dist(args: argparse.Namespace) -> None:
                   "identical_checkpoint": same, "machine": machine()})
 
 
+def table(_args: argparse.Namespace) -> None:
+    """Print the measured results of ``scale.json`` as Markdown."""
+    data = json.loads(RESULTS.read_text())
+    if "depth" in data:
+        d = data["depth"]
+        print(f"Depth sweep ({d['shape']}; {d['method']}, {d['calibration']}):\n")
+        print("| layers | checkpoint GB | peak RSS GiB | wall s | s / layer |\n|---|---|---|---|---|")
+        for r in d["rows"]:
+            cells = [r[k] for k in ("layers", "checkpoint_gb", "peak_rss_gib", "wall_s", "per_layer_s")]
+            print("| " + " | ".join(map(str, cells)) + " |")
+    for key in sorted(k for k in data if k.startswith(("layer8b", "big_"))):
+        print(f"\n{key}: " + json.dumps({k: v for k, v in data[key].items() if k != "layers_s"}))
+    if "dist" in data:
+        d = data["dist"]
+        print(f"\n2 processes vs 1 ({d['model']}, {d['method']}): " + ", ".join(
+            f"{n} process(es) {r['wall_s']} s" for n, r in d["rows"].items())
+              + f"; speedup {d['speedup']}x; identical checkpoint: {d['identical_checkpoint']}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=("depth", "layer8b", "big", "dist", "run"))
+    p.add_argument("what", choices=("depth", "layer8b", "big", "dist", "run", "table"))
     p.add_argument("--nsamples", type=int, default=4)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--layers", type=int, default=40, help="big: layers of the 13B-shaped checkpoint")
@@ -219,7 +238,7 @@ def main() -> None:
     p.add_argument("--ckpt"), p.add_argument("--out"), p.add_argument("--config"), p.add_argument("--load",
                                                                                                   action="store_true")
     args = p.parse_args()
-    {"depth": depth, "layer8b": layer8b, "big": big, "dist": dist, "run": run}[args.what](args)
+    {"depth": depth, "layer8b": layer8b, "big": big, "dist": dist, "run": run, "table": table}[args.what](args)
 
 
 if __name__ == "__main__":

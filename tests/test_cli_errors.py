@@ -27,7 +27,6 @@ from neuqi.formats.packed import pack_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-LEAD = pytest.mark.xfail(reason="lead fixing in commands/", strict=False)
 FAST = ["--bits", "3", "--group-size", "32", "--nsamples", "4", "--seqlen", "64", "--dtype", "fp32", "--quiet"]
 NEUQI = Path(sys.executable).with_name("neuqi")
 
@@ -87,7 +86,6 @@ def quantize(work: Path, out: Path, *extra: str) -> int:
 
 
 # ------------------------------------------------------------------------------------------ 1. missing loss
-@LEAD
 def test_1_rtn_minmax_quantize_exits_0(work, tmp_path, capsys):
     out = tmp_path / "o"
     assert quantize(work, out, "--method", "rtn", "--init", "minmax") == 0
@@ -119,7 +117,7 @@ def test_2_encoder_model_is_refused_by_name(tmp_path, capsys):
                                intermediate_size=128)).save_pretrained(tmp_path / "bert")
     byte_tokenizer().save_pretrained(tmp_path / "bert")
     refused(capsys, ["quantize", str(tmp_path / "bert"), *FAST, "--out", str(tmp_path / "o")],
-            "bert is an encoder model", "decoder-only", out=tmp_path / "o")
+            "bert (BertForMaskedLM) is not a causal language model", out=tmp_path / "o")
 
 
 # ------------------------------------------------------------------------------------ 3. NaN/Inf in a checkpoint
@@ -150,17 +148,19 @@ SAVE_AND_WAIT = textwrap.dedent("""
 """)
 
 
-def start_saving(out: Path) -> subprocess.Popen:
-    """A process blocked inside ``atomic_output_dir(out)`` with a file written; returns once it is there."""
+def start_saving(out: Path) -> tuple[subprocess.Popen, str]:
+    """A process blocked inside ``atomic_output_dir(out)`` with a file written, and the name of its temporary
+    directory; returns once that is there."""
+    before = set(leftovers(out.parent))
     proc = subprocess.Popen([sys.executable, "-c", SAVE_AND_WAIT, str(out)], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "ready"
-    assert len(leftovers(out.parent)) == 1
-    return proc
+    (tmp,) = set(leftovers(out.parent)) - before
+    return proc, tmp
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_4_signal_during_save_removes_the_temporary_directory(tmp_path, sig):
-    proc = start_saving(tmp_path / "o")
+    proc, _ = start_saving(tmp_path / "o")
     proc.send_signal(sig)
     assert proc.wait(timeout=30) != 0
     if sig == signal.SIGTERM:
@@ -169,39 +169,46 @@ def test_4_signal_during_save_removes_the_temporary_directory(tmp_path, sig):
 
 
 def test_4_leftovers_of_a_killed_run_are_removed_by_the_next_run(work, tmp_path, capsys):
-    proc = start_saving(tmp_path / "o")
-    proc.kill()  # SIGKILL: no cleanup possible
-    proc.wait(timeout=30)
-    assert len(leftovers(tmp_path)) == 1
-    live = start_saving(tmp_path / "o")  # a run still going: its directory must survive
+    live, live_tmp = start_saving(tmp_path / "o")  # a run still going: its directory must survive
+    dead, dead_tmp = start_saving(tmp_path / "o")
+    dead.kill()  # SIGKILL: no cleanup possible
+    dead.wait(timeout=30)
     try:
+        assert leftovers(tmp_path) == sorted([live_tmp, dead_tmp])
         assert main(["export", str(work / "ckpt"), "--format", "fp16", "--out", str(tmp_path / "o")]) == 0
-        assert len(leftovers(tmp_path)) == 1 and (tmp_path / "o" / "model.safetensors").is_file()
+        assert leftovers(tmp_path) == [live_tmp] and (tmp_path / "o" / "model.safetensors").is_file()
     finally:
         live.kill()
         live.wait(timeout=30)
 
 
 # -------------------------------------------------------------------------------------------- 5. output path
-@LEAD
 def test_5_output_below_a_file_fails_before_loading(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     refused(capsys, ["quantize", str(tmp_path / "no-model"), *FAST, "--out", str(tmp_path / "file" / "o")],
             "file")
 
 
-@LEAD
 def test_5_current_directory_as_output_fails_before_loading(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     refused(capsys, ["quantize", str(tmp_path / "no-model"), *FAST, "--out", ".", "--overwrite"], "current")
     assert leftovers(tmp_path.parent) == [] and leftovers(tmp_path) == []
 
 
-@LEAD
 @pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
 def test_5_unwritable_parent_fails_before_loading(tmp_path, capsys):
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o500)
+    refused(capsys, ["quantize", str(tmp_path / "no-model"), *FAST, "--out", str(locked / "o")], "writable")
+
+
+def test_5_parent_reported_unwritable_fails_before_loading(tmp_path, capsys, monkeypatch):
+    """As root nothing is unwritable: let the access check answer as it would for another user."""
+    import neuqi.formats.output as output
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    monkeypatch.setattr(output.os, "access", lambda path, mode: Path(path) != locked)
     refused(capsys, ["quantize", str(tmp_path / "no-model"), *FAST, "--out", str(locked / "o")], "writable")
 
 
@@ -301,6 +308,7 @@ def test_9_eval_of_a_checkpoint_with_invalid_config_json(work, tmp_path, capsys)
     assert "hub" not in line
 
 
+@pytest.mark.skipif(not NEUQI.is_file(), reason="the neuqi script is not installed next to this Python")
 def test_9_installed_script_prints_one_line_and_exits_2(tmp_path):
     (tmp_path / "model.gguf").write_bytes(b"\x00\x01 binary")
     proc = subprocess.run([str(NEUQI), "quantize", str(tmp_path / "model.gguf"), "--out", str(tmp_path / "o")],
@@ -311,9 +319,10 @@ def test_9_installed_script_prints_one_line_and_exits_2(tmp_path):
 
 # ------------------------------------------------------------------------------------- 10. reproducible bytes
 def test_10_identical_runs_give_identical_checkpoint_bytes(work, tmp_path):
-    for name in ("a", "b"):
-        assert quantize(work, tmp_path / name, "--init", "minmax") == 0
-    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+    runs = [tmp_path / str(i) for i in range(4)]  # the old metadata order was a coin flip per save
+    for out in runs:
+        assert quantize(work, out, "--init", "minmax") == 0
+    assert len({(out / "model.safetensors").read_bytes() for out in runs}) == 1
 
 
 # ----------------------------------------------------------------------------------- 11. GPTQ export, group 64
@@ -326,7 +335,6 @@ def test_11_gptq_export_of_group_64_with_64_wide_layers(work, tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------- 12. eval labels of quantize output
-@LEAD
 def test_12_eval_reads_the_quantize_config(work, tmp_path):
     assert quantize(work, tmp_path / "o", "--init", "minmax", "--solver", "gptq") == 0
     assert main(["eval", str(tmp_path / "o"), "--tasks", str(work / "calib.txt"), "--seqlen", "32",

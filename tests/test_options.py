@@ -10,19 +10,25 @@ import pytest
 
 from neuqi.cli import build_parser
 from neuqi.commands.options import add_config_options, cli_fields, config_kwargs
+from neuqi.distill import DistillConfig
 from neuqi.errors import ConfigError
 from neuqi.pipeline.config import CalibrationConfig, QuantConfig
 from neuqi.pipeline.records import LinearRecord, QuantResult
 
 
-def _quantize_parser() -> argparse.ArgumentParser:
+def _parser(command: str = "quantize") -> argparse.ArgumentParser:
     sub = build_parser()._subparsers._group_actions[0]  # the sub-command action
-    return sub.choices["quantize"]
+    return sub.choices[command]
 
 
-@pytest.mark.parametrize("cls", [QuantConfig, CalibrationConfig])
-def test_every_documented_field_is_an_option_of_quantize(cls):
-    options = {a.dest: a for a in _quantize_parser()._actions if a.help != argparse.SUPPRESS}
+def _quantize_parser() -> argparse.ArgumentParser:
+    return _parser("quantize")
+
+
+@pytest.mark.parametrize("command, cls", [("quantize", QuantConfig), ("quantize", CalibrationConfig),
+                                          ("distill", DistillConfig)])
+def test_every_documented_field_is_an_option(command, cls):
+    options = {a.dest: a for a in _parser(command)._actions if a.help != argparse.SUPPRESS}
     for f, _ in cli_fields(cls):
         assert f.name in options, f.name
         assert options[f.name].help.startswith(f.metadata["help"])
@@ -84,3 +90,14 @@ def test_quant_result_round_trips_json_and_sums_losses():
     assert back.records == records and back.config == result.config and back.to_dict() == data
     with pytest.warns(DeprecationWarning):
         assert result["totals"]["loss"] == 1.5
+
+
+def test_distill_options_build_the_config():
+    from neuqi.commands.distill import _config
+
+    args = _parser("distill").parse_args(["ckpt", "--loss", "kl", "--no-teacher-cache", "--allow-calibration-overlap",
+                                          "--nsamples", "8", "--seqlen", "64"])
+    config = _config(args)
+    assert (config.loss, config.cache_teacher, config.avoid_calibration_overlap, config.nsamples) == ("kl", False,
+                                                                                                     False, 8)
+    assert _config(_parser("distill").parse_args(["ckpt"])) == DistillConfig()

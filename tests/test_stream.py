@@ -231,3 +231,9 @@ def test_cli_stream(tmp_path):
     assert_same_tensors(tmp_path / "a", tmp_path / "b")
     assert json.loads((tmp_path / "a" / "neuqi_summary.json").read_text())["calibration"]["origin"] == str(calib)
     assert main([*argv, "--out", str(tmp_path / "c"), "--eval-ppl", "1"]) == 2
+
+
+def test_budget_without_a_plan_is_refused_before_any_work(fp_dir, tmp_path):
+    with pytest.raises(ConfigError, match="--bpw plans bit widths on the whole model"):
+        stream(fp_dir, tmp_path / "out", config=QuantConfig(bpw=3.5, group_size=16, batch_size=2))
+    assert not list(tmp_path.iterdir())

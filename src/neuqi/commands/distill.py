@@ -26,8 +26,11 @@ import numpy as np
 import torch
 
 from .. import jsonio
+from ..distill.config import DistillConfig
 from ..errors import CheckpointError, ConfigError, DataError
+from ..formats.output import check_output_dir
 from ..pipeline.data import distillation_windows
+from .options import add_config_options, config_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -45,34 +48,21 @@ def register(sub: argparse._SubParsersAction) -> None:
         "next-token distributions (kl) match the teacher's on C4 windows that avoid the calibration data.",
     )
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="neuqi checkpoint directory (neuqi quantize)")
-    p.add_argument("--teacher", default=None,
-                   help="original model (default: the model named in the checkpoint summary, else smollm2)")
-    p.add_argument("--loss", default="mse", choices=("mse", "kl"),
-                   help="mse: final hidden states (reference, default); kl: KL(teacher||student) on logits")
-    p.add_argument("--nsamples", type=int, default=256, help="distillation windows (default 256)")
-    p.add_argument("--seqlen", type=int, default=2048, help="tokens per window (default 2048)")
-    p.add_argument("--lr", type=float, default=3e-4, help="AdamW peak learning rate (default 3e-4)")
-    p.add_argument("--epochs", type=int, default=1, help="passes over the windows (default 1)")
-    p.add_argument("--batch-size", type=int, default=1, help="windows per optimizer step (default 1)")
-    p.add_argument("--calib", default="c4", help="distillation text: c4 | wikitext2 | PATH (default c4)")
-    p.add_argument("--seed", type=int, default=0, help="window sampling and shuffling seed (default 0)")
-    p.add_argument("--allow-calibration-overlap", action="store_true",
-                   help="do not exclude the calibration documents (the reference's behaviour)")
-    p.add_argument("--train-norms", action="store_true", help="also train norm weights (the reference did)")
-    p.add_argument("--compute-dtype", default="auto", choices=("auto", "float32", "bfloat16"),
-                   help="autocast dtype (default auto: bf16 where native, else fp32); masters are fp32")
-    p.add_argument("--dtype", default=None,
-                   help="dtype of the student's unquantized tensors and of the teacher (default: as stored)")
-    p.add_argument("--gradient-checkpointing", action="store_true",
-                   help="recompute each decoder layer in backward (large models on one GPU)")
-    p.add_argument("--no-teacher-cache", action="store_true",
-                   help="run the teacher every step instead of caching its outputs on the CPU")
-    p.add_argument("--device", default=None, help="cpu | cuda[:N] | ... (default: the accelerator, else cpu)")
-    p.add_argument("--out", default=None, help="output directory (default CHECKPOINT-distill-LOSS)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
-    p.add_argument("--eval-ppl", type=int, default=0, metavar="N",
-                   help="WikiText-2 perplexity before and after, on the first N windows of 2048 tokens")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_config_options(p, DistillConfig, "distillation")
+    p.add_argument("--allow-calibration-overlap", dest="avoid_calibration_overlap", action="store_const",
+                   const=False, help=argparse.SUPPRESS)  # the old name of --no-avoid-calibration-overlap
+    io = p.add_argument_group("run options")
+    io.add_argument("--teacher", default=None,
+                    help="original model (default: the model named in the checkpoint summary, else smollm2)")
+    io.add_argument("--calib", default="c4", help="distillation text: c4 | wikitext2 | PATH (default c4)")
+    io.add_argument("--dtype", default=None,
+                    help="dtype of the student's unquantized tensors and of the teacher (default: as stored)")
+    io.add_argument("--device", default=None, help="cpu | cuda[:N] | ... (default: the accelerator, else cpu)")
+    io.add_argument("--out", default=None, help="output directory (default CHECKPOINT-distill-LOSS)")
+    io.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    io.add_argument("--eval-ppl", type=int, default=0, metavar="N",
+                    help="WikiText-2 perplexity before and after, on the first N windows of 2048 tokens")
+    io.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
 
@@ -101,12 +91,7 @@ def _config(args: argparse.Namespace):
             torch.device(args.device)
         except RuntimeError as exc:
             raise ConfigError(f"unknown device {args.device!r}: {exc}") from None
-    return DistillConfig(
-        loss=args.loss, lr=args.lr, batch_size=args.batch_size, epochs=args.epochs, nsamples=args.nsamples,
-        seqlen=args.seqlen, seed=args.seed, train_norms=args.train_norms, compute_dtype=args.compute_dtype,
-        gradient_checkpointing=args.gradient_checkpointing, cache_teacher=not args.no_teacher_cache,
-        avoid_calibration_overlap=not args.allow_calibration_overlap,
-    )
+    return DistillConfig(**config_kwargs(DistillConfig, args))
 
 
 def _check_pair(student, teacher) -> None:
@@ -154,9 +139,7 @@ def run(args: argparse.Namespace) -> int:
     from ..pipeline.models import load_model, parse_dtype
 
     device = torch.device(args.device) if args.device else default_device()
-    out = Path(args.out or f"{str(args.checkpoint).rstrip('/')}-distill-{config.loss}")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
-        raise CheckpointError(f"output directory {out} exists and is not empty; pass --overwrite to replace")
+    out = check_output_dir(args.out or f"{str(args.checkpoint).rstrip('/')}-distill-{config.loss}", args.overwrite)
     t0 = time.perf_counter()
     qc = read_quantization_config(args.checkpoint)
     summary = read_summary(args.checkpoint)

@@ -22,25 +22,31 @@ class DistillConfig:
     """Distillation settings; defaults follow the reference (spec §6). ``nsamples``, ``seqlen``, ``seed``
     and ``avoid_calibration_overlap`` say which windows the CLI samples; ``distill`` uses the tokens given."""
 
-    loss: str = field(default="mse", metadata={"help": "mse: final hidden states (reference); kl: logits"})
+    loss: str = field(default="mse", metadata={"help": "mse: final hidden states (the reference's loss); kl: "
+                                               "KL(teacher||student) on the logits", "choices": LOSSES})
     lr: float = field(default=3e-4, metadata={"help": "AdamW peak learning rate"})
     betas: tuple[float, float] = (0.9, 0.95)
     weight_decay: float = 0.0
     warmup_ratio: float = field(default=0.1, metadata={"help": "linear warmup fraction, then cosine to 0"})
-    max_grad_norm: float | None = field(default=1.0, metadata={"help": "global grad-norm clip; None: off"})
-    batch_size: int = 1
-    epochs: int = 1
-    nsamples: int = 256
-    seqlen: int = 2048
-    seed: int = 0
+    max_grad_norm: float | None = field(default=1.0, metadata={"help": "global grad-norm clip"})
+    batch_size: int = field(default=1, metadata={"help": "windows per optimizer step"})
+    epochs: int = field(default=1, metadata={"help": "passes over the windows"})
+    nsamples: int = field(default=256, metadata={"help": "distillation windows"})
+    seqlen: int = field(default=2048, metadata={"help": "tokens per window"})
+    seed: int = field(default=0, metadata={"help": "window sampling and shuffling seed"})
     train_scales: bool = True
     train_zeros: bool = True
     train_norms: bool = field(default=False, metadata={"help": "also train norm weights (reference: yes)"})
-    compute_dtype: str = field(default="auto", metadata={"help": "autocast: auto (bf16 if native), float32"})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute each decoder layer"})
-    cache_teacher: bool = field(default=True, metadata={"help": "precompute teacher targets on the CPU"})
+    compute_dtype: str = field(default="auto", metadata={"help": "autocast dtype (auto: bf16 where native, else "
+                                                         "fp32); the master copies are fp32",
+                                                         "choices": tuple(COMPUTE_DTYPES)})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute each decoder layer in "
+                                                                   "backward (large models on one GPU)"})
+    cache_teacher: bool = field(default=True, metadata={"help": "precompute the teacher's outputs on the CPU "
+                                                        "instead of running it every step", "flag": "--teacher-cache"})
     kl_chunk: int = field(default=1024, metadata={"help": "positions per logits chunk for the kl loss"})
-    avoid_calibration_overlap: bool = True
+    avoid_calibration_overlap: bool = field(default=True, metadata={
+        "help": "exclude every document sharing a 16-token run with the calibration windows"})
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:

@@ -13,8 +13,9 @@ Layout (format_version 1)::
                            "overrides": {name: {"bits": k', "group_size": g'}} for modules that differ,
                            "packing": ..., "zero_point": "float16 real", ...extra keys from the pipeline}
 
-See neuqi.packed for the formula. ``save_quantized`` writes atomically; ``load`` rebuilds a ready model
-in one call.
+See neuqi.packed for the formula. ``save_quantized`` writes atomically (``atomic.py``) and byte-reproducibly
+(``tensorfile.py``); ``load`` rebuilds a ready model in one call and refuses stored scales that are not finite and
+> 0 or zero-points that are not finite.
 """
 
 from __future__ import annotations
@@ -384,6 +385,7 @@ def size_report(model: nn.Module, path: str | os.PathLike | None = None) -> Size
 __all__ = [
     "SizeReport",
     "build_quantization_config",
+    "check_quantized_values",
     "load",
     "load_tokenizer",
     "module_specs",

@@ -15,7 +15,8 @@ to transformers' global registry, so it is left to the caller, once, before ``fr
     neuqi.register_transformers()
     model = transformers.AutoModelForCausalLM.from_pretrained("runs/smollm2-w3g64")
 
-``neuqi.load`` needs no registration. ``register`` never raises: if the API is missing or differs, it logs
+Without it transformers only warns "Unknown quantization type, got neuqi" and builds plain, randomly initialised
+linears. ``neuqi.load`` needs no registration. ``register`` never raises: if the API is missing or differs, it logs
 why, returns False, and ``neuqi.load`` remains the way to load a checkpoint.
 """
 
@@ -26,6 +27,7 @@ import logging
 from typing import Any
 
 log = logging.getLogger(__name__)
+
 
 @functools.cache
 def register() -> bool:

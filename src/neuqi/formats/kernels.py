@@ -8,7 +8,8 @@ Two paths, chosen per call by ``QuantLinear.forward`` (``kernel="auto"``):
       w = (q − 8)·scale + zero,   per group of g ∈ {32, 64, 128, 256} input columns,
 
   so our ŵ = s·(q − Z) maps over exactly with scale = s and zero = s·(8 − Z) (exact in fp32). A 2- or 3-bit code
-  is also a 4-bit code, so every k ≤ 4 runs through the same kernel. The kernel takes (scale, zero) in the
+  is also a 4-bit code, so every k ≤ 4 runs through the same kernel; its codes are shifted per group towards the
+  middle of [0, 15] so that the zero stays small (see ``build_int4``). The kernel takes (scale, zero) in the
   activation dtype, bf16 here: both are rounded to bf16 (2^-9 relative), the same order as the reference path's
   rounding of ŵ to bf16, and y is rounded to bf16 as any bf16 matmul's. Its layout (4 bits per weight, plus
   (G, N, 2) scales/zeros) is built on first use and held outside the state dict, so checkpoints do not change;
@@ -73,16 +74,27 @@ def int4_unsupported(
 
 
 def build_int4(
-    codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int, dtype: torch.dtype
+    codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int, dtype: torch.dtype,
+    bits: int = 4,
 ) -> Int4Weight:
-    """Int4Weight from uint8 codes (N, K) in [0, 16) and fp16 (s, Z) of shape (N, G): zero = s·(8 − Z)."""
-    s = scales.float()
-    scale_zero = torch.stack([s, s * (8 - zeros.float())], -1).transpose(0, 1).contiguous().to(dtype)  # (G, N, 2)
-    if codes.device.type == "cpu":
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
+    """Int4Weight from uint8 codes (N, K) in [0, 2^bits) and fp16 (s, Z) of shape (N, G).
+
+    A k-bit code leaves 15 − M (M = 2^k − 1) spare values in 4 bits: each group's codes are shifted by
+    c = clamp(round(8 − Z), 0, 15 − M), so that (q + c − 8)·s + zero with zero = s·(8 − c − Z) is s·(q − Z) and
+    |8 − c − Z| ≤ 1/2 when Z ∈ [M − 7.5, 8.5]. The kernel rounds zero and s to bf16 (2^-9 relative), so the shift
+    turns a zero-point error of up to |8 − Z|·s·2^-9 (≈ 6.5·s·2^-9 at 2 bits) into at most s·2^-10.
+    """
+    n, k = codes.shape
+    s, z = scales.float(), zeros.float()
+    shift = (8 - z).round().clamp(0, 15 - (2**bits - 1))  # (N, G) c per group
+    shifted = (codes.view(n, -1, group_size).to(torch.int32) + shift.to(torch.int32).unsqueeze(-1)).view(n, k)
+    scale_zero = torch.stack([s, s * (8 - shift - z)], -1).transpose(0, 1).contiguous().to(dtype)  # (G, N, 2)
+    if shifted.device.type == "cpu":
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(shifted, 1)
     else:  # CUDA takes two codes per byte, the even column in the high nibble
-        pairs = (codes[:, ::2] << 4) | codes[:, 1::2]
-        tiles = next(t for t in (8, 4, 2) if codes.shape[1] % (16 * t) == 0)
+        q8 = shifted.to(torch.uint8)
+        pairs = (q8[:, ::2] << 4) | q8[:, 1::2]
+        tiles = next(t for t in (8, 4, 2) if k % (16 * t) == 0)
         packed = torch.ops.aten._convert_weight_to_int4pack(pairs.contiguous(), tiles)
     return Int4Weight(packed, scale_zero, group_size, dtype)
 

@@ -193,7 +193,7 @@ class QuantLinear(nn.Module):
         if cache is None or cache[0] != key or any(a is not b for a, b in zip(cache[1], sources)):
             self._int4 = None  # free the old layout before building the new one
             with torch.no_grad():
-                w = kernels.build_int4(self.codes(), self.scales, self.zeros, self.group_size, dtype)
+                w = kernels.build_int4(self.codes(), self.scales, self.zeros, self.group_size, dtype, self.bits)
             self._int4 = cache = (key, sources, w)  # holding the sources: a replaced buffer never aliases
         return cache[2]
 

@@ -153,14 +153,32 @@ def _check_model_dir(path: Path) -> None:
     raise ModelError(f"{path} holds no weights (no *.safetensors file)")
 
 
+def _causal_lm_classes() -> set[str]:
+    """Class names AutoModelForCausalLM builds (e.g. LlamaForCausalLM, GPT2LMHeadModel); empty if not listed."""
+    try:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    except ImportError:
+        return set()
+    names: set[str] = set()
+    for value in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+        names.update([value] if isinstance(value, str) else value)
+    return names
+
+
 def check_causal_decoder(config) -> None:
-    """ModelError unless ``config`` describes a decoder-only causal LM (refuses T5/BART encoder-decoders and
-    BERT-style encoders, which transformers would otherwise wrap in a randomly initialised causal head)."""
+    """ModelError unless ``config`` describes a decoder-only causal LM: T5/BART-style encoder-decoders and checkpoints
+    saved as another head (a BERT encoder saved as BertForMaskedLM, a classifier) are refused by name, since
+    transformers would wrap them in a causal head with randomly initialised weights."""
     kind = getattr(config, "model_type", None) or type(config).__name__
     if getattr(config, "is_encoder_decoder", False):
         raise ModelError(f"{kind} is an encoder-decoder model; neuqi quantizes decoder-only causal LMs")
-    if getattr(config, "is_decoder", None) is False:  # only encoder families (BERT, RoBERTa, ...) define it
-        raise ModelError(f"{kind} is an encoder model (is_decoder=False); neuqi quantizes decoder-only causal LMs")
+    architectures = list(getattr(config, "architectures", None) or [])
+    known = _causal_lm_classes()
+    if architectures and known and not set(architectures) & known:
+        raise ModelError(
+            f"{kind} ({', '.join(architectures)}) is not a causal language model; neuqi quantizes decoder-only "
+            "causal LMs (e.g. *ForCausalLM)"
+        )
 
 
 def _check_loading_info(source: str, info: dict) -> None:

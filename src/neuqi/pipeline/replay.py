@@ -24,7 +24,8 @@ class Replay:
       time it runs and replayed after that.
     A child that may be skipped is swapped for an ``adapters.StandIn`` (same name, same tensors) until ``close()``
     puts it back.
-    ``set_batch(j)`` must be called before running batch j; ``group_done()`` after each group is quantized.
+    ``set_batch(j)`` must be called before running batch j; ``group_done()`` after each group is quantized;
+    ``close()`` (or leaving ``with Replay(...) as replay:``) at the end.
     The recorded activations cost memory (for Llama, up to the MLP's intermediate width per calibration token);
     ``enabled=False`` recomputes everything instead.
     """
@@ -92,8 +93,14 @@ class Replay:
 
         return forward
 
+    def __enter__(self) -> Replay:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def close(self) -> None:
-        """Put every child back in place of its stand-in and remove the recording hooks."""
+        """Put every child back in place of its stand-in and remove the recording hooks (also on ``with`` exit)."""
         for c in self._children:
             if c.stand_in is not None:
                 self._layer.set_submodule(c.name, c.module)

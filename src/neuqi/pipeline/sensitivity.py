@@ -149,6 +149,7 @@ def all_candidate_losses(model: nn.Module, stats: dict[str, LinearStats], config
                                   config, rows, seed + i)
         for w in WEIGHTINGS:
             out[w][name] = losses[w]
+        log.debug("%s: candidate losses %s", name, losses["fisher"])
     return out
 
 
@@ -190,6 +191,8 @@ def measure_sensitivity(model: nn.Module, tokens: torch.Tensor, config: QuantCon
     start = time.perf_counter()
     stats = measure_stats(model, tokens[:windows], device)
     t_stats = time.perf_counter() - start
+    log.info("sensitivity: FP statistics from %d windows in %.0f s; candidate losses next", min(windows, len(tokens)),
+             t_stats)
     linears = decoder_linears(model)
     losses = all_candidate_losses(model, stats, config, rows)
     info = {"windows": min(windows, tokens.shape[0]), "seqlen": tokens.shape[1], "rows": rows,

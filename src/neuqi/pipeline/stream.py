@@ -23,7 +23,6 @@ With ``dist`` (``neuqi.pipeline.distributed``) the batches and each linear's row
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -34,6 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import jsonio
 from ..errors import CheckpointError, ConfigError, ModelError
 from ..formats import sharded
 from ..formats.output import check_output_dir
@@ -119,12 +119,16 @@ def _check_source(model: nn.Module, stack: adapters.DecoderStack, source: Checkp
            if tuple(expected[k].shape) != source.shapes[k]]
     if bad:
         raise CheckpointError(f"{source.path}: tensor shapes disagree with config.json: {'; '.join(bad[:3])}")
+    if getattr(config, "bpw", None) is not None and getattr(config, "plan", None) is None:
+        raise ConfigError("--bpw plans bit widths on the whole model in memory; quantize in memory, or stream with "
+                          "the plan it chose (QuantConfig.plan)")
     for i, layer in enumerate(stack.layers):
         for name, linear in walker._linears(layer).items():
+            full = f"{stack.layer_name(i)}.{name}"
             try:
-                grid.resolve_group_size(linear.in_features, config.group_size)
+                grid.resolve_group_size(linear.in_features, config.linear_format(full)[1])
             except ConfigError as exc:
-                raise ConfigError(f"{stack.layer_name(i)}.{name}: {exc}") from None
+                raise ConfigError(f"{full}: {exc}") from None
 
 
 def _read(source: CheckpointSource, keys: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -192,8 +196,28 @@ def _finish(model: nn.Module, state: RunState, out: Path, config: QuantConfig, s
         save_config(model, tmp, qconfig)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        (tmp / SUMMARY_NAME).write_text(json.dumps(result.to_dict(), indent=1))
+        (tmp / SUMMARY_NAME).write_text(jsonio.dumps(result.to_dict(), indent=1))
     state.remove()
+
+
+def _start(model: nn.Module, stack: adapters.DecoderStack, source: CheckpointSource, state: RunState,
+           batches: list[torch.Tensor], ids: list[int], config: QuantConfig, stream: StreamConfig,
+           dtype: torch.dtype, device: torch.device, writer: bool) -> tuple[Activations | None, list]:
+    """Steps 1-2 of the module docstring: (the activations entering the first layer to do, or None without
+    calibration; every layer's call arguments). ``batches``: this rank's, with global ids ``ids``."""
+    t0 = time.perf_counter()
+    hiddens, calls = None, []
+    if needs_calibration(config):
+        captured, calls = _capture(model, stack, source, batches, dtype, device)
+        start = state.layers_done
+        hiddens = Activations(state, ids, stream.activations, device, start, captured if start == 0 else None)
+    if writer and not state.stem_file.is_file():
+        keys = [k for k in _stored_keys(model) if not k.startswith(f"{stack.name}.")]
+        real = {k: t for k, t in model.state_dict().items() if k in keys and t.device.type != "meta"}
+        _save_tensors({**real, **_read(source, [k for k in keys if k not in real], dtype)}, state.stem_file)
+    if state.state["capture_s"] is None:
+        state.state["capture_s"] = round(time.perf_counter() - t0, 3)  # saved with the first finished layer
+    return hiddens, calls
 
 
 def _quantize_layers(model: nn.Module, stack: adapters.DecoderStack, source: CheckpointSource, state: RunState,
@@ -276,18 +300,9 @@ def quantize_checkpoint(
         state.load()
     start = state.layers_done
     t0 = time.perf_counter()
-    hiddens, calls = None, []
-    if needs_calibration(config):
-        captured, calls = _capture(model, stack, source, [batches[j] for j in ids], dtype, device)
-        hiddens = Activations(state, ids, stream.activations, device, start, captured if start == 0 else None)
-        del captured
-    if writer and not state.stem_file.is_file():
-        keys = [k for k in _stored_keys(model) if not k.startswith(f"{stack.name}.")]
-        real = {k: t for k, t in model.state_dict().items() if k in keys and t.device.type != "meta"}
-        _save_tensors({**real, **_read(source, [k for k in keys if k not in real], dtype)}, state.stem_file)
-    if state.state["capture_s"] is None:
-        state.state["capture_s"] = round(time.perf_counter() - t0, 3)  # saved with the first finished layer
     try:
+        hiddens, calls = _start(model, stack, source, state, [batches[j] for j in ids], ids, config, stream, dtype,
+                                device, writer)
         _quantize_layers(model, stack, source, state, hiddens, calls, config, init_fn, replay_activations, dtype,
                          device, dist, progress and writer)
     except OSError as exc:

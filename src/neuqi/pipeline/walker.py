@@ -186,7 +186,10 @@ def _quantize_linear(
         cols = (groups.unsqueeze(1) * g + torch.arange(g, device=groups.device)).flatten()
         s, z = init_fn(w, bits, g, method=config.init, hessian_diag=None if h is None else h[cols],
                        **config.init_options)
-        return grid.to_storage(s, z)
+        try:
+            return grid.to_storage(s, z)
+        except ConfigError as exc:  # e.g. a scale beyond fp16: say which layer
+            raise ConfigError(f"{name}: {exc}") from None
 
     record = LinearRecord(name=name, shape=tuple(linear.weight.shape), bits=bits, group_size=group_size,
                           seconds=0.0)

@@ -15,6 +15,7 @@ one output row; ``group_size = -1`` means one group per row (channel-wise). ``sc
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -164,10 +165,11 @@ def to_storage(scale: torch.Tensor, zero_point: torch.Tensor) -> tuple[torch.Ten
             bad = ~torch.isfinite(t) | (t.abs() > FP16_MAX)
             if bad.any():
                 where = tuple(bad.nonzero()[0].tolist())
-                raise WeightError(
-                    f"{name} {t[where].item():.3g} at (row, group) {where} does not fit fp16 storage "
-                    f"(±{FP16_MAX:.0f}): the weights are too large, or a group too narrow for its offset"
-                )
+                value = t[where].item()
+                why = "is not finite" if not math.isfinite(value) else (
+                    f"does not fit fp16 storage (±{FP16_MAX:.0f}): the weights are too large, or a group too narrow "
+                    "for its offset")
+                raise WeightError(f"{name} {value:.3g} at (row, group) {where} {why}")
     s = scale.float().clamp(min=MIN_SCALE).half().float()
     z = zero_point.float().half().float()
     return s, z
