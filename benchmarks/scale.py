@@ -122,22 +122,26 @@ def machine() -> dict[str, Any]:
 
 
 GPTQ_MINMAX = {"bits": 4, "group_size": 128, "solver": "gptq", "init": "minmax", "batch_size": 1}
+RTN_MINMAX = {"bits": 4, "group_size": 128, "solver": "rtn", "init": "minmax", "batch_size": 1}  # no calibration
 NEUQI_LDLQ = {"bits": 3, "group_size": 128, "solver": "ldlq", "init": "neuqi", "batch_size": 1}
 
 
 def depth(args: argparse.Namespace) -> None:
+    config, method = (RTN_MINMAX, "RTN + Min-Max W4 g128 (no calibration)") if args.rtn else (
+        GPTQ_MINMAX, "GPTQ + Min-Max W4 g128")
     rows = []
     for layers in (8, 16, 32):
         ckpt = WORK / f"h1024-{layers}"
         gb = make_checkpoint(ckpt, "h1024", layers)
         row = {"layers": layers, "checkpoint_gb": round(gb, 3),
-               **measure(ckpt, WORK / "out", GPTQ_MINMAX, args.nsamples, args.seqlen)}
+               **measure(ckpt, WORK / "out", config, args.nsamples, args.seqlen)}
         row["per_layer_s"] = round(sum(row["layers_s"]) / layers, 2)
         del row["layers_s"]
         rows.append(row)
         print(row, flush=True)
         shutil.rmtree(ckpt)
-    save("depth", {"method": "GPTQ + Min-Max W4 g128", "calibration": f"{args.nsamples} x {args.seqlen} random ids",
+    save("depth_rtn" if args.rtn else "depth", {
+                   "method": method, "calibration": f"{args.nsamples} x {args.seqlen} random ids",
                    "shape": "hidden 1024, intermediate 2816, 16 heads, 4 kv heads, vocab 32000, bf16",
                    "machine": machine(), "rows": rows})
 
@@ -211,8 +215,7 @@ def dist(args: argparse.Namespace) -> None:
 def table(_args: argparse.Namespace) -> None:
     """Print the measured results of ``scale.json`` as Markdown."""
     data = json.loads(RESULTS.read_text())
-    if "depth" in data:
-        d = data["depth"]
+    for d in (data[k] for k in ("depth", "depth_rtn") if k in data):
         print(f"Depth sweep ({d['shape']}; {d['method']}, {d['calibration']}):\n")
         print("| layers | checkpoint GB | peak RSS GiB | wall s | s / layer |\n|---|---|---|---|---|")
         for r in d["rows"]:
@@ -234,6 +237,7 @@ def main() -> None:
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--layers", type=int, default=40, help="big: layers of the 13B-shaped checkpoint")
     p.add_argument("--device", default="cpu", help="where layers are computed (layer8b, run)")
+    p.add_argument("--rtn", action="store_true", help="depth: RTN + Min-Max (no calibration): the I/O path alone")
     p.add_argument("--threads", type=int, default=2, help="OMP threads of the measured process")
     p.add_argument("--ckpt"), p.add_argument("--out"), p.add_argument("--config"), p.add_argument("--load",
                                                                                                   action="store_true")

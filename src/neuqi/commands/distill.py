@@ -130,19 +130,11 @@ def plot_history(history: dict[str, Any], path: Path) -> bool:
     return True
 
 
-def run(args: argparse.Namespace) -> int:
-    config = _config(args)
-    from ..distill import distill
-    from ..eval import default_device, perplexity
-    from ..formats.checkpoint import atomic_output_dir, load, load_tokenizer, read_quantization_config, save_quantized
-    from ..formats.packed import set_weight_cache
+def _load_pair(args: argparse.Namespace, summary: dict[str, Any]):
+    """(student, teacher, tokenizer, teacher source): the packed checkpoint and its FP original, checked to match."""
+    from ..formats.checkpoint import load, load_tokenizer
     from ..pipeline.models import load_model, parse_dtype
 
-    device = torch.device(args.device) if args.device else default_device()
-    out = check_output_dir(args.out or f"{str(args.checkpoint).rstrip('/')}-distill-{config.loss}", args.overwrite)
-    t0 = time.perf_counter()
-    qc = read_quantization_config(args.checkpoint)
-    summary = read_summary(args.checkpoint)
     teacher_src = args.teacher or (summary.get("model") or {}).get("source") or "smollm2"
     if teacher_src == "smollm2":
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -154,29 +146,56 @@ def run(args: argparse.Namespace) -> int:
         tokenizer = load_tokenizer(args.checkpoint)
     except CheckpointError:
         tokenizer = teacher_tokenizer
+    return student, teacher, tokenizer, teacher_src
+
+
+def _perplexity(model, tokenizer, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    from ..eval import perplexity
+    from ..formats.packed import set_weight_cache
+
+    set_weight_cache(model, True)  # dequantize each layer once, not once per window
+    try:
+        return perplexity(model, tokenizer, "wikitext2", seqlen=2048, max_windows=args.eval_ppl, device=device,
+                          progress=not args.quiet)
+    finally:
+        set_weight_cache(model, False)
+
+
+def _save(out: Path, args: argparse.Namespace, student, tokenizer, summary: dict[str, Any],
+          history: dict[str, Any], quant_config: dict[str, Any]) -> None:
+    from ..formats.checkpoint import atomic_output_dir, save_quantized
+
+    with atomic_output_dir(out, args.overwrite) as tmp:
+        save_quantized(student, tmp, tokenizer, quant_config=quant_config, overwrite=True)
+        (tmp / SUMMARY_NAME).write_text(jsonio.dumps(summary, indent=1, default=str))
+        (tmp / HISTORY_NAME).write_text(jsonio.dumps(history, indent=1))
+        plot_history(history, tmp / PLOT_NAME)
+
+
+def run(args: argparse.Namespace) -> int:
+    config = _config(args)
+    from ..distill import distill
+    from ..eval import default_device
+    from ..formats.checkpoint import read_quantization_config
+
+    device = torch.device(args.device) if args.device else default_device()
+    out = check_output_dir(args.out or f"{str(args.checkpoint).rstrip('/')}-distill-{config.loss}", args.overwrite)
+    t0 = time.perf_counter()
+    qc = read_quantization_config(args.checkpoint)
+    summary = read_summary(args.checkpoint)
+    student, teacher, tokenizer, teacher_src = _load_pair(args, summary)
     calibration = summary.get("calibration") if config.avoid_calibration_overlap else None
     tokens, data = distillation_windows(tokenizer, args.calib, config.nsamples, config.seqlen, config.seed,
                                         calibration)
     if not config.avoid_calibration_overlap:
-        data["calibration_overlap"] = "not checked (--allow-calibration-overlap)"
+        data["calibration_overlap"] = "not checked (--no-avoid-calibration-overlap)"
     log.info("distilling %s from %s on %d x %d tokens of %s (calibration overlap: %s)", args.checkpoint,
              teacher_src, config.nsamples, config.seqlen, args.calib, data["calibration_overlap"])
-
-    def ppl() -> dict[str, Any]:
-        set_weight_cache(student, True)  # dequantize each layer once, not once per window
-        try:
-            return perplexity(student, tokenizer, "wikitext2", seqlen=2048, max_windows=args.eval_ppl,
-                              device=device, progress=not args.quiet)
-        finally:
-            set_weight_cache(student, False)
-
-    evals: dict[str, Any] = {"before": ppl()} if args.eval_ppl else {}
+    evals: dict[str, Any] = {"before": _perplexity(student, tokenizer, args, device)} if args.eval_ppl else {}
     history = distill(student, teacher, tokens, config, device=device, progress=not args.quiet).to_dict()
     del teacher
     if args.eval_ppl:
-        evals["after"] = ppl()
-        log.info("wikitext2 ppl (%d windows): %.3f -> %.3f", args.eval_ppl, evals["before"]["ppl"],
-                 evals["after"]["ppl"])
+        evals["after"] = _perplexity(student, tokenizer, args, device)
     section = {"checkpoint": str(args.checkpoint), "teacher": teacher_src, "config": config.to_dict(),
                "data": data, "device": str(device), "compute_dtype": history["compute_dtype"],
                "trainable": history["trainable"], "steps": len(history["loss"]),
@@ -184,13 +203,9 @@ def run(args: argparse.Namespace) -> int:
                "teacher_s": history["teacher_seconds"], "train_s": history["total_seconds"],
                "wall_s": round(time.perf_counter() - t0, 3), "eval": evals}
     summary["distillation"] = section
-    quant_config = {**qc, "distillation": {"teacher": teacher_src, "loss": config.loss,
-                                           "steps": section["steps"], "tokens": int(tokens.numel())}}
-    with atomic_output_dir(out, args.overwrite) as tmp:
-        save_quantized(student, tmp, tokenizer, quant_config=quant_config, overwrite=True)
-        (tmp / SUMMARY_NAME).write_text(jsonio.dumps(summary, indent=1, default=str))
-        (tmp / HISTORY_NAME).write_text(jsonio.dumps(history, indent=1))
-        plot_history(history, tmp / PLOT_NAME)
+    _save(out, args, student, tokenizer, summary, history,
+          {**qc, "distillation": {"teacher": teacher_src, "loss": config.loss, "steps": section["steps"],
+                                  "tokens": int(tokens.numel())}})
     msg = f"distilled {section['steps']} steps ({config.loss}) in {section['wall_s']:.0f} s; saved to {out}"
     if evals:
         msg += f"; wikitext2 ppl {evals['before']['ppl']:.3f} -> {evals['after']['ppl']:.3f}"

@@ -14,18 +14,12 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..quant import grid, solvers
+from ..quant.grid import check_positive_int
 
 PARAM_FITS = ("static", "dynamic")
 SOLVERS = ("rtn", "gptq", "ldlq")
 INITS = ("minmax", "neuqi_int", "neuqi")
 CONFIG_VERSION = 1
-
-
-def check_positive_int(name: str, value: Any, minimum: int = 1) -> int:
-    """``value`` if it is an int ≥ ``minimum`` (bools refused), else ConfigError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
 
 
 @dataclass(frozen=True)

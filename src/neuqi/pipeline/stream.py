@@ -23,6 +23,8 @@ With ``dist`` (``neuqi.pipeline.distributed``) the batches and each linear's row
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import logging
 import os
 import time
@@ -168,6 +170,17 @@ def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     write_atomic(path, lambda p: save_file(tensors, p, metadata={"format": "pt", "neuqi": str(FORMAT_VERSION)}))
 
 
+def _release_memory() -> None:
+    """Free the last layer for real: collect the reference cycles holding its tensors, and give the freed heap back
+    to the OS (glibc keeps it otherwise, raising its mmap threshold to the size of the tensors freed, so host
+    memory would grow with depth)."""
+    gc.collect()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def _barrier(dist: Any) -> None:
     if dist is not None:
         dist.barrier()
@@ -248,6 +261,8 @@ def _quantize_layers(model: nn.Module, stack: adapters.DecoderStack, source: Che
             hiddens.advance()
             hiddens.drop(i)
         layer.to("meta")
+        del layer, records, qparams
+        _release_memory()
 
 
 @torch.no_grad()

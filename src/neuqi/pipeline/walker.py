@@ -31,6 +31,7 @@ from ..quant import grid, solvers
 from ..quant.grid import QParams
 from . import adapters, sensitivity
 from .config import QuantConfig, needs_calibration
+from .precision import bf16_gram_applies, bf16_gram_precision
 from .records import LinearRecord, QuantResult
 from .replay import Replay
 
@@ -120,18 +121,20 @@ def _hessian(
         raise _GroupInputSeen
 
     handle = linear.register_forward_pre_hook(pre)
+    bf16 = bool(hiddens) and bf16_gram_applies(hiddens[0].dtype, hiddens[0].device)
     try:
-        for j in range(len(hiddens) if dist is None else dist.steps(len(hiddens))):
-            if j < len(hiddens):
-                replay.set_batch(j)
-                try:
-                    _call(layer, hiddens[j], call)
-                except _GroupInputSeen:
-                    pass
-                else:
-                    raise ModelError(f"{type(linear).__name__} was not called by its layer's forward")
-            if dist is not None:
-                dist.add_in_order(acc, grams.pop() if grams else None)
+        with bf16_gram_precision(bf16):  # the layer's bf16 forward is unaffected; the products are exact (gram)
+            for j in range(len(hiddens) if dist is None else dist.steps(len(hiddens))):
+                if j < len(hiddens):
+                    replay.set_batch(j)
+                    try:
+                        _call(layer, hiddens[j], call)
+                    except _GroupInputSeen:
+                        pass
+                    else:
+                        raise ModelError(f"{type(linear).__name__} was not called by its layer's forward")
+                if dist is not None:
+                    dist.add_in_order(acc, grams.pop() if grams else None)
     finally:
         handle.remove()
     n_tokens = count[0] if dist is None else dist.sum_int(count[0])
@@ -141,20 +144,12 @@ def _hessian(
 def gram(x: torch.Tensor) -> torch.Tensor:
     """xᵀx (in, in) in fp32 for x (tokens, in).
 
-    For bf16 x on CPU the product runs on bf16 inputs with fp32 accumulation (oneDNN's bf16 precision for fp32
-    matmuls): bf16 values times bf16 values are exact in fp32, so it equals the fp32 product up to summation
-    order, and is about twice as fast. Other cases convert to fp32 first.
+    Called inside ``precision.bf16_gram_precision`` for bf16 activations on the CPU: the product then runs on bf16
+    inputs with fp32 accumulation, exact per product (bf16·bf16 fits fp32), so it equals the fp32 product up to
+    summation order and is about twice as fast.
     """
     x32 = x.float()
-    mkldnn_matmul = getattr(torch.backends.mkldnn, "matmul", None)
-    if x.dtype != torch.bfloat16 or x.device.type != "cpu" or not hasattr(mkldnn_matmul, "fp32_precision"):
-        return x32.T @ x32
-    previous = mkldnn_matmul.fp32_precision
-    mkldnn_matmul.fp32_precision = "bf16"
-    try:
-        return x32.T @ x32
-    finally:
-        mkldnn_matmul.fp32_precision = previous
+    return x32.T @ x32
 
 
 def _peak_memory(device: torch.device) -> dict[str, float]:

@@ -35,6 +35,13 @@ def check_bits(bits: int) -> int:
     return bits
 
 
+def check_positive_int(name: str, value: object, minimum: int = 1) -> int:
+    """``value`` if it is an int ≥ ``minimum`` (bools refused), else ConfigError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
 def max_code(bits: int) -> int:
     """M = 2^bits − 1, the largest code."""
     return (1 << check_bits(bits)) - 1

@@ -19,13 +19,16 @@ from collections.abc import Callable
 import torch
 
 from ..errors import ConfigError, WeightError
-from .grid import MIN_SCALE, check_bits, check_finite, max_code, resolve_group_size
+from .grid import MIN_SCALE, check_bits, check_finite, check_positive_int, max_code, resolve_group_size
 from .zero_point import SortedGroups, integer_zero_point
 
 InitMethod = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 _METHODS: dict[str, InitMethod] = {}
 _UNWEIGHTED: set[str] = set()  # methods that ignore hessian_diag
-_CHUNK_ELEMENTS = 1 << 17  # weights per row chunk: keeps the solver's buffers in cache
+# Weights per row chunk. CPU: keeps the solver's buffers in cache. Accelerators: few, large launches (the buffers are
+# about 100 bytes per weight at 3 bits, so 2^23 weights hold under 1 GiB). Rows are independent: same result.
+_CHUNK_ELEMENTS = {"cpu": 1 << 17}
+_CHUNK_ELEMENTS_ACCELERATOR = 1 << 23
 
 
 def register_init(name: str, uses_hessian: bool = True) -> Callable[[InitMethod], InitMethod]:
@@ -250,9 +253,8 @@ def _fit(
     m = max_code(bits)
     out_features, in_features = weight.shape
     if row_chunk is None:
-        row_chunk = max(1, _CHUNK_ELEMENTS // in_features)
-    if isinstance(row_chunk, bool) or not isinstance(row_chunk, int) or row_chunk < 1:
-        raise ConfigError(f"row_chunk must be a positive number of rows, got {row_chunk!r}")
+        row_chunk = max(1, _CHUNK_ELEMENTS.get(weight.device.type, _CHUNK_ELEMENTS_ACCELERATOR) // in_features)
+    check_positive_int("row_chunk", row_chunk)
     scale = torch.empty(out_features, in_features // group_size, dtype=torch.float32, device=weight.device)
     zero_point = torch.empty_like(scale)
     for a in range(0, out_features, row_chunk):
@@ -269,8 +271,7 @@ def _fit(
 
 def _check_steps(*steps: int) -> None:
     for value in steps:
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"grid steps must be positive integers, got {value!r}")
+        check_positive_int("grid steps", value)
 
 
 SEARCHES = ("coarse_to_fine", "full")
