@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budgets", default="2.5,3.5")
     args = p.parse_args(argv)
     out = Path(args.out)
-    sens = load_sensitivity(out / f"{args.model}-sensitivity.json")
+    sens = load_sensitivity(out / f"sensitivity-{args.model}.json")
     lines = prediction_table(sens, out, args.model) + [""]
     for bpw in (float(b) for b in args.budgets.split(",")):
         for weighting in sensitivity.WEIGHTINGS:

@@ -2,7 +2,10 @@
 
 Rows: FP, RTN (Min-Max, round to nearest), GPTQ (Min-Max + LDLQ), NeUQI_int + LDLQ, NeUQI + LDLQ,
 NeUQI + LDLQ + distill (2 and 3 bits), and HQQ (the real ``hqq`` library: float zero-points, no calibration data).
-Settings: W4 g64, W3 g64, W2 g64, W3 channel-wise, W2 channel-wise. Every quantized row uses the same calibration
+Settings: W4 g64, W3 g64, W2 g64, W3 channel-wise, W2 channel-wise, and mixed precision at 2.5 and 3.5 bits per
+weight (``bpw2.5``, ``bpw3.5``: ``QuantConfig.bpw``; the sensitivities are measured once and kept in
+``sensitivity-<model>.json``; ``neuqi_layer`` plans with raw layer losses instead of the output-Fisher weighting).
+``gptq_dynamic`` is GPTQ with Min-Max fitted when LDLQ reaches each group. Every quantized row uses the same calibration
 windows (C4 train from ../shared/data, seed 0) and is evaluated on WikiText-2 and C4 perplexity (GPTQ convention,
 the first ``--windows`` windows of 2048) and, with ``--zero-shot``, on the five lm-eval tasks.
 
@@ -211,7 +214,7 @@ def plan_row(row: str, setting: str, fp: nn.Module, calib: torch.Tensor, args: a
 
     bpw = SETTINGS[setting][0]
     charged = 0.0
-    path = Path(args.out) / f"{Path(args.model).name}-sensitivity.json"
+    path = Path(args.out) / f"sensitivity-{Path(args.model).name}.json"  # not a row: outside the row glob
     if "sensitivity" not in cache and path.exists() and not args.redo:
         cache["sensitivity"] = load_sensitivity(path)
         charged = cache["sensitivity"].info["seconds"]

@@ -141,6 +141,10 @@ def main(argv: list[str] | None = None) -> int:
                     mlx_dir = tmp / f"ours-w{bits}"
                     export_mlx(load(ckpt), mlx_dir, scale_dtype="float16")
                 weights = read_mlx_linears(mlx_dir)
+                quant = json.loads((mlx_dir / "config.json").read_text())["quantization"]
+                if (quant["bits"], quant["group_size"]) != (bits, args.group_size):
+                    raise ValueError(f"{label}: {mlx_dir} holds W{quant['bits']} g{quant['group_size']}, "
+                                     f"not W{bits} g{args.group_size}")
                 metrics = score(fp, tokenizer, weights, args)
                 n = sum(w.numel() for w in weights.values())
                 rows.append({"row": label, "bits": bits, "group_size": args.group_size, "linears": len(weights),

@@ -266,15 +266,17 @@ def test_dequant_path_is_bit_identical_to_reference(bits: int, dtype: torch.dtyp
 
 
 def _assert_int4_rounding_bound(layer: QuantLinear, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """The int4 kernel computes Σ x·((q − 8)·bf16(s) + bf16(s·(8 − Z))) and rounds y to bf16: each term is off
-    by ≤ 2^-9 of its size, so |y − x·Ŵᵀ − b| ≤ 2^-8·(Σ|x|·(|q − 8|·s + |s·(8 − Z)|) + |y| + |b|). A wrong
-    zero-point convention (sign, offset 8, nibble order) misses this bound by orders of magnitude. Returns x·Ŵᵀ + b."""
+    """The int4 kernel computes Σ x·((q + c − 8)·bf16(s) + bf16(s·(8 − c − Z))), c the per-group code shift of
+    kernels.build_int4, and rounds y to bf16: each term is off by ≤ 2^-9 of its size, so |y − x·Ŵᵀ − b| ≤
+    2^-8·(Σ|x|·(|q + c − 8|·s + |s·(8 − c − Z)|) + |y| + |b|). A wrong zero-point convention (sign, offset 8,
+    nibble order, shift) misses this bound by orders of magnitude. Returns x·Ŵᵀ + b."""
     x, y = x.float().cpu(), y.float().cpu()
     bias = layer.bias.float().cpu()
     exact = x @ layer.dequantized_weight().cpu().T + bias
     s = layer.scales.float().cpu().repeat_interleave(layer.group_size, 1)
     z = layer.zeros.float().cpu().repeat_interleave(layer.group_size, 1)
-    terms = (layer.codes().float().cpu() - 8).abs() * s + (s * (8 - z)).abs()
+    c = (8 - z).round().clamp(0, 15 - (2**layer.bits - 1))
+    terms = (layer.codes().float().cpu() + c - 8).abs() * s + (s * (8 - c - z)).abs()
     bound = 2.0**-8 * (x.abs() @ terms.T + exact.abs() + bias.abs())
     assert ((y - exact).abs() <= bound).all()
     return exact

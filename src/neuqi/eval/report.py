@@ -223,9 +223,12 @@ def plot_ppl_vs_bpw(results: Sequence[dict[str, Any]], path: str | os.PathLike) 
                 if not r.get("bits_per_weight"):
                     label += " [x = bits]"
                 series.setdefault(label, []).append((r.get("bits_per_weight") or r["bits"], r["metrics"][key]))
+        methods = sorted({label.split(" (")[0] for label in series})
         for label, points in sorted(series.items()):
             xs, ys = zip(*sorted(points))
-            ax.plot(xs, ys, marker="o", label=label)
+            # one colour per method, one line style per group family (solid groups, dotted channel, dashed mixed)
+            style = ":" if "(channel)" in label else "--" if "(mixed)" in label else "-"
+            ax.plot(xs, ys, marker="o", ls=style, color=f"C{methods.index(label.split(' (')[0]) % 10}", label=label)
         for i, r in enumerate(r for r in results if is_full_precision(r) and key in r["metrics"]):
             ax.axhline(r["metrics"][key], ls="--", color=f"C{7 + i % 3}", lw=1,
                        label=f"{method_label(r)} ({r['metrics'][key]:.2f})")

@@ -3,8 +3,9 @@
 The partial directory ``.<out>.partial`` next to the output holds::
 
     state.json            {"version", "fingerprint": {config, calibration, source, dtype}, "layers_done": k,
-                           "records": [LinearRecord dicts of layers < k], "layers_s": [...], "capture_s"}
-    stem.safetensors      the tensors outside the decoder layers, in the compute dtype
+                           "records": [LinearRecord dicts of layers < k], "layers_s": [...], "capture_s",
+                           "stem_files": n once the stem files are written}
+    stem/<n>.safetensors  the tensors outside the decoder layers, one per file, in the compute dtype
     layers/<i>.safetensors  the packed tensors of each finished layer
     acts/<i>/b<j>.pt      the hidden states entering layer i for global calibration batch j
 
@@ -88,6 +89,7 @@ class RunState:
             log.warning("nothing to resume at %s; starting from the first layer", self.dir)
         shutil.rmtree(self.dir, ignore_errors=True)
         (self.dir / "layers").mkdir(parents=True)
+        (self.dir / "stem").mkdir()
         self.state = {"version": STATE_VERSION, "fingerprint": self.fingerprint, "layers_done": 0, "records": [],
                       "layers_s": [], "capture_s": None}
         self.save()
@@ -105,9 +107,12 @@ class RunState:
     def layer_file(self, i: int) -> Path:
         return self.dir / "layers" / f"{i:05d}.safetensors"
 
-    @property
-    def stem_file(self) -> Path:
-        return self.dir / "stem.safetensors"
+    def stem_file(self, n: int) -> Path:
+        return self.dir / "stem" / f"{n:05d}.safetensors"
+
+    def stem_files(self) -> list[Path]:
+        """The files of the tensors outside the decoder layers (all written once ``state["stem_files"]`` is set)."""
+        return [self.stem_file(n) for n in range(self.state["stem_files"])]
 
     def acts_dir(self, i: int) -> Path:
         return self.dir / "acts" / str(i)

@@ -6,7 +6,7 @@
 1. the model is built on the meta device (parameters only; buffers such as RoPE frequencies are real) and the
    FP tensors are read lazily from the safetensors shards (``CheckpointSource``);
 2. the stem (embeddings) is materialized to capture the hidden states entering layer 0; the tensors outside the
-   decoder layers are copied (cast to the compute dtype) into ``stem.safetensors`` of the partial run directory;
+   decoder layers are copied (cast to the compute dtype) into ``stem/`` of the partial run directory, one per file;
 3. per layer: materialize it, quantize it (``walker.quantize_layer``), pack it (``QuantLinear``), write its
    tensors to ``layers/<i>.safetensors``, save its outputs (the next layer's inputs) under ``acts/<i+1>/``, record
    the layer as done in ``state.json``, free it;
@@ -202,7 +202,7 @@ def _finish(model: nn.Module, state: RunState, out: Path, config: QuantConfig, s
     replace_linears(model, {n: s for n, s in linears.items() if isinstance(model.get_submodule(n), nn.Linear)})
     extra = {k: v for k, v in config.to_dict().items() if k not in ("bits", "group_size")}
     qconfig = build_quantization_config(model, {"pipeline": extra})
-    files = [state.stem_file] + [state.layer_file(i) for i in range(result.layers)]
+    files = state.stem_files() + [state.layer_file(i) for i in range(result.layers)]
     with atomic_output_dir(out, overwrite) as tmp:
         metadata = {"format": "pt", "neuqi": str(FORMAT_VERSION)}
         sharded.write_shards(files, tmp, int(stream.max_shard_mb * 2**20), metadata)
@@ -224,10 +224,13 @@ def _start(model: nn.Module, stack: adapters.DecoderStack, source: CheckpointSou
         captured, calls = _capture(model, stack, source, batches, dtype, device)
         start = state.layers_done
         hiddens = Activations(state, ids, stream.activations, device, start, captured if start == 0 else None)
-    if writer and not state.stem_file.is_file():
+    if writer and state.state.get("stem_files") is None:  # one file per tensor: one embedding in memory at a time
         keys = [k for k in _stored_keys(model) if not k.startswith(f"{stack.name}.")]
         real = {k: t for k, t in model.state_dict().items() if k in keys and t.device.type != "meta"}
-        _save_tensors({**real, **_read(source, [k for k in keys if k not in real], dtype)}, state.stem_file)
+        for n, key in enumerate(keys):
+            _save_tensors({key: real[key] if key in real else _read(source, [key], dtype)[key]}, state.stem_file(n))
+        state.state["stem_files"] = len(keys)
+        state.save()
     if state.state["capture_s"] is None:
         state.state["capture_s"] = round(time.perf_counter() - t0, 3)  # saved with the first finished layer
     return hiddens, calls
@@ -325,6 +328,7 @@ def quantize_checkpoint(
                               f"{state.dir}: fix this and rerun with --resume") from exc
     if not writer:
         state.load()
+    _barrier(dist)  # every rank has read the final state before rank 0 removes it
     timings = {"capture_s": state.state["capture_s"], "layers_s": state.state["layers_s"],
                "total_s": round(time.perf_counter() - t0, 3), "resumed_at_layer": start or None}
     result = QuantResult(
