@@ -63,7 +63,7 @@ def test_perplexity_ordering_w3g64(demo, quantized):
 
 def test_packed_checkpoint_round_trip(demo, quantized, tmp_path):
     import neuqi
-    from neuqi.formats.packed import pack_model
+    from neuqi.formats.packed import pack_model, set_kernel
 
     _, tokenizer, _ = demo
     model, summary = quantized["neuqi"]
@@ -72,7 +72,11 @@ def test_packed_checkpoint_round_trip(demo, quantized, tmp_path):
     loaded = neuqi.load(tmp_path / "ckpt", dtype=torch.bfloat16)
     ids = torch.tensor([tokenizer("The quick brown fox jumps over the lazy dog.")["input_ids"]])
     with torch.no_grad():
+        fast = loaded(ids).logits  # 10 rows in bf16: the int4 kernel, with (scale, zero) rounded to bf16
+        set_kernel(loaded, "dequant")  # the exact path: what was saved is what was evaluated, bit for bit
         assert torch.equal(model(ids).logits, loaded(ids).logits)
+        exact = model(ids).logits.float()
+    assert (fast.float() - exact).abs().max() < 0.05 * exact.abs().max()
     assert f"{_ppl(model, tokenizer):.4g}" == f"{_ppl(loaded, tokenizer):.4g}"
 
 
