@@ -143,16 +143,13 @@ def _wikitext2(model, tokenizer, windows: int, device: torch.device, quiet: bool
 
 
 def _fp16_bytes(model: torch.nn.Module) -> int:
-    """Size of the model's tensors stored in 16 bits (tied tensors once), the FP baseline a user would download."""
-    seen = {p.data_ptr(): p.numel() for p in model.state_dict().values()}
-    return 2 * sum(seen.values())
+    """Size of the model's parameters stored in 16 bits (tied ones once), the FP baseline a user would download."""
+    return 2 * sum(p.numel() for p in model.parameters())
 
 
 def _print_outcome(result, out: Path, fp_bytes: int, fmt: str) -> None:
-    totals = result.totals
-    loss = "n/a (no calibration)" if totals["loss"] is None else f"{totals['loss']:.4g}"
-    print(f"quantized {totals['linears']} linears of {result.model['source']} ({result.config.short_name()}), "
-          f"summed layer loss {loss}; saved to {out} in {result.timings['wall_s']:.0f} s")
+    print(f"quantized {result.totals['linears']} linears of {result.model['source']} ({result.config.short_name()}), "
+          f"summed layer loss {result.loss_text()}; saved to {out} in {result.timings['wall_s']:.0f} s")
     size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
     evals = result.extra.get("eval", {})
     rows = [("FP (16-bit)", evals.get("fp", {}).get("ppl"), fp_bytes),

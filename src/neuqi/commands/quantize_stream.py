@@ -45,9 +45,8 @@ def run_stream(args: argparse.Namespace, settings: Any, stream: Any) -> int:
         if dist is not None:
             dist.close()
     if dist is None or dist.rank == 0:
-        totals = result.totals
-        loss = "n/a (no calibration)" if totals["loss"] is None else f"{totals['loss']:.4g}"
-        print(f"quantized {totals['linears']} linears of {result.model['source']} ({result.config.short_name()}) "
-              f"streaming on {result.world_size} process(es), summed layer loss {loss}; saved to {settings.out} in "
+        print(f"quantized {result.totals['linears']} linears of {result.model['source']} "
+              f"({result.config.short_name()}) streaming on {result.world_size} process(es), summed layer loss "
+              f"{result.loss_text()}; saved to {settings.out} in "
               f"{time.perf_counter() - t0:.0f} s (peak RSS {result.memory.get('peak_rss_mb', 0):.0f} MiB)")
     return 0

@@ -74,6 +74,11 @@ class QuantResult:
                 "loss_before": _sum([r.loss_before for r in self.records]),
                 "init_loss": _sum([r.init_loss for r in self.records])}
 
+    def loss_text(self) -> str:
+        """The summed layer loss for a summary line ("n/a" when RTN ran without calibration)."""
+        loss = self.totals["loss"]
+        return "n/a (no calibration)" if loss is None else f"{loss:.4g}"
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (no QParams); ``extra`` keys sit at the top level."""
         return {"config": self.config.to_dict(), "model": self.model, "layers": self.layers,
