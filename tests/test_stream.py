@@ -84,6 +84,19 @@ def test_stream_gives_the_in_memory_tensors(fp_dir, tmp_path, dtype, activations
     torch.testing.assert_close(neuqi.load(tmp_path / "out")(x).logits, neuqi.load(ref)(x).logits, rtol=0, atol=0)
 
 
+def test_stream_keeps_a_tied_head_tied(tmp_path):
+    """Materializing the stem for calibration assigns a new embedding; the tied head must not then be read from
+    the checkpoint (which stores it once, as the demo model does)."""
+    path = tmp_path / "tied"
+    tiny_causal_lm("llama", num_hidden_layers=2, tie_word_embeddings=True, **TOKEN_IDS).save_pretrained(path)
+    assert "lm_head.weight" not in load_file(path / "model.safetensors")
+    ref = in_memory(path, tmp_path / "ref", torch.float32)
+    stream(path, tmp_path / "out")
+    assert_same_tensors(ref, tmp_path / "out")
+    model = neuqi.load(tmp_path / "out")
+    assert model.lm_head.weight is model.get_input_embeddings().weight
+
+
 def test_stream_writes_shards_with_an_index_that_load_reads(fp_dir, tmp_path):
     ref = in_memory(fp_dir, tmp_path / "ref", torch.float32)
     stream(fp_dir, tmp_path / "out", max_shard_mb=0.02)

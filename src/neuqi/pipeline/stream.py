@@ -220,12 +220,13 @@ def _start(model: nn.Module, stack: adapters.DecoderStack, source: CheckpointSou
     calibration; every layer's call arguments). ``batches``: this rank's, with global ids ``ids``."""
     t0 = time.perf_counter()
     hiddens, calls = None, []
+    # before the stem is materialized: loading it assigns new parameters, which unties a tied head
+    keys = [k for k in _stored_keys(model) if not k.startswith(f"{stack.name}.")]
     if needs_calibration(config):
         captured, calls = _capture(model, stack, source, batches, dtype, device)
         start = state.layers_done
         hiddens = Activations(state, ids, stream.activations, device, start, captured if start == 0 else None)
     if writer and state.state.get("stem_files") is None:  # one file per tensor: one embedding in memory at a time
-        keys = [k for k in _stored_keys(model) if not k.startswith(f"{stack.name}.")]
         real = {k: t for k, t in model.state_dict().items() if k in keys and t.device.type != "meta"}
         for n, key in enumerate(keys):
             _save_tensors({key: real[key] if key in real else _read(source, [key], dtype)[key]}, state.stem_file(n))
