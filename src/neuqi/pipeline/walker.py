@@ -138,7 +138,7 @@ def _hessian(
     finally:
         handle.remove()
     n_tokens = count[0] if dist is None else dist.sum_int(count[0])
-    return acc / n_tokens, n_tokens
+    return acc.div_(n_tokens), n_tokens  # in place: a wide fp64 H is large
 
 
 def gram(x: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,8 @@ per-group parameters ``scale``, ``zero_point`` (out, n_groups), already rounded 
   up to 10 more times, then NumericalError names the layer.
 * **Act-order** (default): columns are processed in the order perm = argsort(diag H, descending); column i of
   that order uses the parameters of group perm[i] // g (groups stay contiguous in the ORIGINAL order).
-* **GPTQ**: upper Cholesky factor U of H⁻¹ and in-place error feedback, lazily in blocks (IST reference):
+* **GPTQ**: upper Cholesky factor U of H⁻¹ (formed as J·L⁻¹·J from the Cholesky factor L of the
+  index-reversed H, J the reversal) and in-place error feedback, lazily in blocks (IST reference):
   e_i = (w_i − ŵ_i)/U_ii; W[:, j] −= e_i·U_ij for j > i.
 * **LDLQ** (QuIP): H = (Ů + I)·D·(Ů + I)ᵀ with Ů strictly upper, from the Cholesky factor of the
   index-reversed H; Ŵ_i = Q(W_i + Σ_{j<i} Ů_ji (W_j − Ŵ_j)) with W the ORIGINAL weight. No inverse is formed.
@@ -78,29 +79,42 @@ def damped_diagonal(hessian: torch.Tensor, damp: float) -> torch.Tensor:
 def _prepare(
     weight: torch.Tensor, hessian: torch.Tensor, damp: float, act_order: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
-    """(Wᵀ (in, out) with rows in processing order, H fp64 permuted with dead inputs fixed, perm, λ).
+    """(Wᵀ (in, out) with rows in processing order and dead inputs zeroed, perm, dead (in,) bool, λ).
 
     The solvers work on Wᵀ so that each column of W is a contiguous row: the per-column vector ops and the
     rank-1 updates (BLAS) stay fast when the CPU is shared, where strided elementwise kernels are not."""
     w = weight.float().clone()
-    h = hessian.to(device=w.device, dtype=torch.float64).clone()
-    dead = torch.diagonal(h) == 0
-    h[dead, dead] = 1.0
+    d = torch.diagonal(hessian).double().to(w.device)
+    dead = d == 0
     w[:, dead] = 0.0
-    lam = damping_lambda(h, damp)
+    lam = damping_lambda(hessian, damp)
     n = w.shape[1]
-    perm = torch.argsort(torch.diagonal(h), descending=True, stable=True) if act_order else torch.arange(n)
-    perm = perm.to(w.device)
-    return w.T[perm].contiguous(), h[perm][:, perm], perm, lam
+    diag = torch.where(dead, torch.ones_like(d), d)
+    perm = torch.argsort(diag, descending=True, stable=True) if act_order else torch.arange(n, device=w.device)
+    return w.T[perm].contiguous(), perm, dead, lam
+
+
+def _damped(hessian: torch.Tensor, order: torch.Tensor, dead: torch.Tensor, shift: float) -> torch.Tensor:
+    """(H + shift·I)[order][:, order] fp64 with H_ii = 1 for dead inputs, as one (in, in) allocation (an
+    8192-wide fp64 H is 0.5 GiB: the factorizations below hold at most two such matrices at a time)."""
+    order = order.to(hessian.device)
+    h = hessian[order.unsqueeze(1), order.unsqueeze(0)].to(torch.float64)
+    diag = h.diagonal()
+    diag[dead.to(h.device)[order]] = 1.0
+    diag.add_(shift)
+    return h
 
 
 def _factorize(
-    h: torch.Tensor, lam: float, factor: Callable[[torch.Tensor], torch.Tensor | None], name: str
+    hessian: torch.Tensor, perm: torch.Tensor, dead: torch.Tensor, lam: float,
+    factor: Callable[[torch.Tensor], torch.Tensor | None], name: str,
 ) -> tuple[torch.Tensor, int]:
-    """factor(H + k·λ·I) for the first k = 1..11 where it succeeds; returns (factor, k)."""
-    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    """factor(J·(H + k·λ·I)[perm][:, perm]·J) for the first k = 1..11 where it succeeds; returns (factor, k).
+    J reverses the index order: both factors start from the Cholesky factor of the index-reversed matrix,
+    which ``factor`` owns (and frees)."""
+    reverse = perm.flip(0)
     for k in range(1, MAX_DAMPING_RETRIES + 2):
-        out = factor(h + (k * lam) * eye)
+        out = factor(_damped(hessian, reverse, dead, k * lam))
         if out is not None:
             return out, k
     raise NumericalError(
@@ -117,23 +131,45 @@ def _cholesky(a: torch.Tensor) -> torch.Tensor | None:
     return lower if int(info) == 0 else None
 
 
-def _gptq_factor(a: torch.Tensor) -> torch.Tensor | None:
-    """Upper Cholesky factor U of A⁻¹ (A⁻¹ = UᵀU)."""
-    lower = _cholesky(a)
+def _invert_lower_(m: torch.Tensor, block: int = 256) -> torch.Tensor:
+    """M⁻¹ in place for M (n, n) lower triangular, by halves: [[A, 0], [C, B]]⁻¹ = [[A⁻¹, 0], [−B⁻¹CA⁻¹, B⁻¹]]
+    (two triangular solves, then the two halves recursively): n³/3 flops, like LAPACK's trtri."""
+    n = m.shape[0]
+    if n <= block:
+        m.copy_(torch.linalg.solve_triangular(m, torch.eye(n, dtype=m.dtype, device=m.device), upper=False))
+        return m
+    k = n // 2
+    a, c, b = m[:k, :k], m[k:, :k], m[k:, k:]
+    x = torch.linalg.solve_triangular(b, c, upper=False)  # B⁻¹C
+    c.copy_(torch.linalg.solve_triangular(a, x, upper=False, left=False).neg_())  # −B⁻¹CA⁻¹
+    del x
+    _invert_lower_(a, block)
+    _invert_lower_(b, block)
+    return m
+
+
+def _gptq_factor(reversed_a: torch.Tensor) -> torch.Tensor | None:
+    """Upper U with A⁻¹ = UᵀU, from JAJ = LLᵀ: A = (JLJ)(JLJ)ᵀ with JLJ upper, so U = (JLJ)⁻¹ = J·L⁻¹·J
+    (2n³/3 flops; the textbook cholesky(inverse(A), upper=True) takes twice that and three matrices)."""
+    lower = _cholesky(reversed_a)
+    del reversed_a
     if lower is None:
         return None
-    upper = _cholesky(torch.cholesky_inverse(lower))
-    return None if upper is None else upper.mT
+    return _invert_lower_(lower).flip(0, 1)
 
 
-def _ldlq_factor(a: torch.Tensor) -> torch.Tensor | None:
-    """Strictly upper Ů with A = (Ů + I)·D·(Ů + I)ᵀ, from the Cholesky factor of the index-reversed A."""
-    lower = _cholesky(a.flip(0, 1))
+def _ldlq_factor(reversed_a: torch.Tensor) -> torch.Tensor | None:
+    """Strictly upper Ů with A = (Ů + I)·D·(Ů + I)ᵀ, from JAJ = LLᵀ: A = (JLJ)(JLJ)ᵀ, JLJ upper; Ů is JLJ with
+    each column divided by its diagonal, minus I."""
+    lower = _cholesky(reversed_a)
+    del reversed_a
     if lower is None:
         return None
     upper = lower.flip(0, 1)  # A = upper·upperᵀ
-    unit = upper / torch.diagonal(upper).unsqueeze(0)  # divide each column by its diagonal
-    return unit - torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
+    del lower
+    upper.div_(torch.diagonal(upper).clone())  # column j / upper_jj
+    upper.diagonal().sub_(1.0)
+    return upper
 
 
 class _Columns:
@@ -262,8 +298,8 @@ def gptq(
     name: str = "",
 ) -> SolverResult:
     """GPTQ with the inverse-Cholesky form and lazy block updates (see module docstring)."""
-    w, h, perm, lam = _prepare(weight, hessian, damp, act_order)  # w: (in, out) rows in processing order
-    u, k = _factorize(h, lam, _gptq_factor, name)
+    w, perm, dead, lam = _prepare(weight, hessian, damp, act_order)  # w: (in, out) rows in processing order
+    u, k = _factorize(hessian, perm, dead, lam, _gptq_factor, name)
     u = u.to(w.dtype)
     cols = _init_columns(w, perm, scale, zero_point, bits, group_size, fit)
     n = w.shape[0]
@@ -308,11 +344,11 @@ def ldlq(
     loop. With ``fit``, the groups are fitted on the same values as in GPTQ (the remaining weights after the
     optimal update for the columns done so far); LDLQ's partial sums are not those values, so this mode also
     factors H⁻¹ and tracks GPTQ's scaled errors e_j = (fed_j − Ŵ_j)/U_jj."""
-    w, h, perm, lam = _prepare(weight, hessian, damp, act_order)  # w: (in, out) rows in processing order
-    a, k = _factorize(h, lam, _ldlq_factor, name)
+    w, perm, dead, lam = _prepare(weight, hessian, damp, act_order)  # w: (in, out) rows in processing order
+    a, k = _factorize(hessian, perm, dead, lam, _ldlq_factor, name)
     a = a.to(w.dtype)  # (in, in) strictly upper
     if fit is not None:
-        u = _gptq_factor(h + (k * lam) * torch.eye(h.shape[0], dtype=h.dtype, device=h.device))
+        u = _gptq_factor(_damped(hessian, perm.flip(0), dead, k * lam))
         if u is None:
             raise NumericalError(f"{name or 'layer'}: H⁻¹ has no Cholesky factor at damping {k * damp:.3g}")
         u = u.to(w.dtype)
