@@ -56,10 +56,15 @@ class SolverResult:
     damping: float
 
 
-def proxy_loss(w_hat: torch.Tensor, weight: torch.Tensor, hessian: torch.Tensor) -> float:
-    """tr(ΔHΔᵀ) with Δ = Ŵ − W (out, in), in fp32."""
+def proxy_loss(w_hat: torch.Tensor, weight: torch.Tensor, hessian: torch.Tensor, chunk: int = 2048) -> float:
+    """tr(ΔHΔᵀ) with Δ = Ŵ − W (out, in), in fp32, over blocks of ``chunk`` columns of H (so no fp32 copy of
+    a wide H is made)."""
     delta = (w_hat - weight).float()
-    return float(((delta @ hessian.to(delta)) * delta).sum())
+    total = torch.zeros((), dtype=torch.float64, device=delta.device)
+    for j in range(0, delta.shape[1], chunk):
+        block = hessian[:, j : j + chunk].to(delta)
+        total += ((delta @ block) * delta[:, j : j + chunk]).sum(dtype=torch.float64)
+    return float(total)
 
 
 def damping_lambda(hessian: torch.Tensor, damp: float) -> float:
@@ -184,8 +189,10 @@ class _Columns:
         n_groups = n // self.g
         self.scale = torch.ones(out, n_groups, dtype=torch.float32, device=device)
         self.zero = torch.zeros_like(self.scale)
-        self.s_cols = torch.empty(n, out, dtype=torch.float32, device=device)  # (in, out): row i for column i
-        self.z_cols = torch.empty_like(self.s_cols)
+        # (n_groups, out): row k holds group k's parameters, read per column (no (in, out) expansion)
+        self.scale_rows = torch.ones(n_groups, out, dtype=torch.float32, device=device)
+        self.zero_rows = torch.zeros_like(self.scale_rows)
+        self.group_list = self.group_of.tolist()
         self.codes = torch.empty(n, out, dtype=torch.uint8, device=device)
         first = torch.full((n_groups,), n, dtype=torch.long, device=device)
         first_pos = first.scatter_reduce(0, self.group_of, torch.arange(n, device=device), "amin")
@@ -194,9 +201,7 @@ class _Columns:
 
     def set(self, groups: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> None:
         self.scale[:, groups], self.zero[:, groups] = scale.float(), zero.float()
-        mask = torch.isin(self.group_of, groups)
-        self.s_cols[mask] = self.scale[:, self.group_of[mask]].T
-        self.z_cols[mask] = self.zero[:, self.group_of[mask]].T
+        self.scale_rows[groups], self.zero_rows[groups] = scale.float().T, zero.float().T
 
     def positions(self, groups: torch.Tensor) -> torch.Tensor:
         """Processing positions of the columns of ``groups``, in original column order (k·g,)."""
@@ -205,7 +210,8 @@ class _Columns:
 
     def quantize(self, col: torch.Tensor, i: int) -> torch.Tensor:
         """ŵ of processed column i (out,), recording its codes."""
-        s, z = self.s_cols[i], self.z_cols[i]
+        k = self.group_list[i]
+        s, z = self.scale_rows[k], self.zero_rows[k]
         q = torch.round(col / s + z).clamp_(0, self.m)
         self.codes[i] = q.to(torch.uint8)
         return s * (q - z)
