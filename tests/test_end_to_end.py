@@ -76,7 +76,11 @@ def test_packed_checkpoint_round_trip(demo, quantized, tmp_path):
         set_kernel(loaded, "dequant")  # the exact path: what was saved is what was evaluated, bit for bit
         assert torch.equal(model(ids).logits, loaded(ids).logits)
         exact = model(ids).logits.float()
-    assert (fast.float() - exact).abs().max() < 0.05 * exact.abs().max()
+    # bf16 noise through 30 layers: on the streamed W3 g64 demo model the int4 path's mean |Δlogit| is 3.6-3.8 % of
+    # the mean |logit| and its max 4-5 % of the max (two sentences); a wrong code shift or zero is one quantization
+    # step per weight, tens of percent
+    err = (fast.float() - exact).abs()
+    assert err.mean() < 0.06 * exact.abs().mean() and err.max() < 0.1 * exact.abs().max()
     assert f"{_ppl(model, tokenizer):.4g}" == f"{_ppl(loaded, tokenizer):.4g}"
 
 
