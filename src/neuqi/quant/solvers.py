@@ -102,10 +102,10 @@ def _prepare(
 def _damped(hessian: torch.Tensor, order: torch.Tensor, dead: torch.Tensor, shift: float) -> torch.Tensor:
     """(H + shift·I)[order][:, order] fp64 with H_ii = 1 for dead inputs, as one (in, in) allocation (an
     8192-wide fp64 H is 0.5 GiB: the factorizations below hold at most two such matrices at a time)."""
-    order = order.to(hessian.device)
+    hessian = hessian.to(order.device)  # the weight's device (a no-op when H is there already)
     h = hessian[order.unsqueeze(1), order.unsqueeze(0)].to(torch.float64)
     diag = h.diagonal()
-    diag[dead.to(h.device)[order]] = 1.0
+    diag[dead.to(order.device)[order]] = 1.0
     diag.add_(shift)
     return h
 
