@@ -45,6 +45,35 @@ def test_gptq_equals_ldlq(act_order, group_size, block_size):
         assert res.damping == pytest.approx(0.01)
 
 
+@pytest.mark.parametrize("n", [5, 256, 700])
+def test_factors_equal_their_textbook_forms(n):
+    """GPTQ's U from the reversed Cholesky (blocked in-place triangular inverse, recursing at n > 256) equals
+    cholesky(inverse(A), upper=True); LDLQ's Ů satisfies A = (Ů + I)·D·(Ů + I)ᵀ."""
+    _, h = problem(4, n, seed=n)
+    a = h + 0.01 * h.diagonal().mean() * torch.eye(n, dtype=h.dtype)
+    u = solvers._gptq_factor(a.flip(0, 1).clone())
+    ref = torch.linalg.cholesky(torch.linalg.inv(a), upper=True)
+    assert torch.equal(u, u.triu()) and (u - ref).abs().max() < 1e-9 * ref.abs().max()
+    strict = solvers._ldlq_factor(a.flip(0, 1).clone())
+    assert torch.equal(strict, strict.triu(1))
+    unit = strict + torch.eye(n, dtype=h.dtype)
+    inner = torch.linalg.inv(unit) @ a @ torch.linalg.inv(unit).T  # must be D, diagonal and positive
+    assert (inner - torch.diag(inner.diagonal())).abs().max() < 1e-9 * inner.abs().max()
+    assert (inner.diagonal() > 0).all()
+
+
+def test_damped_hessian_is_one_permuted_copy_with_dead_inputs_fixed():
+    _, h = problem(4, 40)
+    h[7, :] = h[:, 7] = 0.0  # a dead input
+    dead = torch.diagonal(h) == 0
+    order = torch.randperm(40, generator=torch.Generator().manual_seed(0))
+    fixed = h.clone()
+    fixed[7, 7] = 1.0
+    expected = (fixed + 0.5 * torch.eye(40, dtype=h.dtype))[order][:, order]
+    assert torch.equal(solvers._damped(h, order, dead, 0.5), expected)
+    assert torch.equal(h.diagonal() == 0, dead)  # H itself untouched
+
+
 def test_rtn_is_fake_quantize():
     w, h = problem()
     s, z = minmax(w, 32)
