@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
                 n = sum(w.numel() for w in weights.values())
                 rows.append({"row": label, "bits": bits, "group_size": args.group_size, "linears": len(weights),
                              "bits_per_weight": bits + 32 / args.group_size, "quantized_weights": n,
-                             "calibration": None if what in ("rtn",) or isinstance(what, Path) else
+                             "calibration": None if what == "rtn" or isinstance(what, Path) else
                              f"{args.nsamples} x {args.seqlen} C4 (seed {args.seed})",
                              "metrics": metrics, "quantize_s": round(made_s, 1),
                              "seconds": round(time.perf_counter() - t0, 1)})
