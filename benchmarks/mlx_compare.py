@@ -45,6 +45,7 @@ from torch import nn
 from neuqi.eval import perplexity
 from neuqi.formats.checkpoint import load
 from neuqi.formats.exports import export_mlx
+from neuqi.formats.exports.mlx import mlx_rope_config
 from neuqi.formats.packing import unpack
 from neuqi.pipeline import data, models
 
@@ -66,26 +67,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--datasets", default="wikitext2,c4")
     p.add_argument("--windows", type=int, default=10)
     p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--out", default="benchmarks/results/mlx_compare.json")
+    p.add_argument("--check-windows", type=int, default=2,
+                   help="mlx-lm forward check per row: WikiText-2 windows (0: no check)")
+    p.add_argument("--check-seqlen", type=int, default=128, help="mlx-lm forward check: window length")
+    p.add_argument("--out", default="benchmarks/results/mlx_compare.json",
+                   help="JSON; rows already in it are kept unless this run redoes them (same row, bits)")
+    p.add_argument("--plot", default="benchmarks/results/mlx_compare.png", help="WikiText-2 perplexity per row")
+    p.add_argument("--report-only", action="store_true", help="table and plot from --out, nothing run")
     return p.parse_args(argv)
 
 
-def read_mlx_decoder_tensors(mlx_dir: Path) -> dict[str, torch.Tensor]:
-    """{parameter name: tensor fp32} of the unquantized decoder-layer tensors (norm weights, biases) in an MLX
-    model directory: what AWQ rescaled."""
+def read_mlx_decoder_tensors(mlx_dir: Path, prefix: str = "model.layers.") -> dict[str, torch.Tensor]:
+    """{parameter name: tensor fp32} of the unquantized tensors whose names start with ``prefix`` in an MLX model
+    directory: by default the decoder layers' norm weights and biases (what AWQ rescaled); ``prefix=""``: all."""
     from safetensors.torch import load_file
 
     tensors: dict[str, torch.Tensor] = {}
     for f in sorted(mlx_dir.glob("model*.safetensors")):
         tensors.update(load_file(f))
     quantized = {k.removesuffix(".scales") for k in tensors if k.endswith(".scales")}
-    return {k: t.float() for k, t in tensors.items() if k.startswith("model.layers.")
+    return {k: t.float() for k, t in tensors.items() if k.startswith(prefix)
             and k.rsplit(".", 1)[0] not in quantized}
 
 
-def read_mlx_linears(mlx_dir: Path) -> dict[str, torch.Tensor]:
-    """{module name: w (out, in) fp32} for every affine-quantized linear in an MLX model directory, w = s·q + b
-    computed in fp32 (s·q is exact; one rounding) from the stored uint32 codes, scales and biases."""
+def read_mlx_linears(mlx_dir: Path, prefix: str = "model.layers.") -> dict[str, torch.Tensor]:
+    """{module name: w (out, in) fp32} for every affine-quantized module whose name starts with ``prefix`` in an
+    MLX model directory (``prefix=""``: the embedding too), w = s·q + b computed in fp32 (s·q is exact; one
+    rounding) from the stored uint32 codes, scales and biases."""
     from safetensors.torch import load_file
 
     config = json.loads((mlx_dir / "config.json").read_text())["quantization"]
@@ -93,7 +101,7 @@ def read_mlx_linears(mlx_dir: Path) -> dict[str, torch.Tensor]:
     for f in sorted(mlx_dir.glob("model*.safetensors")):
         tensors.update(load_file(f))
     weights = {}
-    for key in [k for k in tensors if k.endswith(".scales") and k.startswith("model.layers.")]:
+    for key in [k for k in tensors if k.endswith(".scales") and k.startswith(prefix)]:
         name = key.removesuffix(".scales")
         spec = config.get(name) if isinstance(config.get(name), dict) else config
         bits, group = spec["bits"], spec["group_size"]
@@ -105,26 +113,56 @@ def read_mlx_linears(mlx_dir: Path) -> dict[str, torch.Tensor]:
     return weights
 
 
-def score(fp: nn.Module, tokenizer, weights: dict[str, torch.Tensor], args: argparse.Namespace,
-          others: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
-    """Perplexities of ``fp`` with its decoder linears' weights replaced by ``weights`` and the parameters
-    ``others`` (e.g. AWQ's rescaled norms) replaced too."""
+def substituted(fp: nn.Module, weights: dict[str, torch.Tensor],
+                others: dict[str, torch.Tensor] | None = None) -> nn.Module:
+    """A copy of ``fp`` with the weights of the modules in ``weights`` (linears, or the embedding) and the
+    parameters ``others`` (e.g. AWQ's rescaled norms) replaced."""
     model = copy.deepcopy(fp)
     for name, w in weights.items():
-        linear = model.get_submodule(name)
-        if not isinstance(linear, nn.Linear) or linear.weight.shape != w.shape:
-            raise ValueError(f"{name}: MLX weight {tuple(w.shape)} does not fit {linear}")
+        module = model.get_submodule(name)
+        if not isinstance(module, nn.Linear | nn.Embedding) or module.weight.shape != w.shape:
+            raise ValueError(f"{name}: MLX weight {tuple(w.shape)} does not fit {module}")
         with torch.no_grad():
-            linear.weight.copy_(w)
+            module.weight.copy_(w)
     params = dict(model.named_parameters())
     for name, t in (others or {}).items():
         if name not in params or params[name].shape != t.shape:
             raise ValueError(f"{name}: MLX tensor {tuple(t.shape)} has no place in the model")
         with torch.no_grad():
             params[name].copy_(t)
-    model.to(getattr(torch, args.dtype))
+    return model
+
+
+def score(fp: nn.Module, tokenizer, weights: dict[str, torch.Tensor], args: argparse.Namespace,
+          others: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
+    """Perplexities (``--windows`` windows of 2048, ``--dtype``) of ``fp`` with ``weights`` and ``others`` in."""
+    model = substituted(fp, weights, others).to(getattr(torch, args.dtype))
     return {f"{ds}_ppl": perplexity(model, tokenizer, ds, max_windows=args.windows, progress=False)["ppl"]
             for ds in args.datasets.split(",")}
+
+
+def mlx_forward_check(fp: nn.Module, tokenizer, mlx_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Does mlx-lm's own forward of the files give the perplexity our evaluator gives them? Both in fp32, on the
+    first ``--check-windows`` WikiText-2 windows of ``--check-seqlen`` tokens, with every tensor the files hold
+    (embedding and norms as stored, quantized or rescaled, unlike the scored row, which keeps the FP embedding)."""
+    import mlx_lm
+    from mlx_check import mlx_perplexity, mlx_to_float32
+
+    from neuqi.eval.perplexity import corpus_ids
+
+    windows = corpus_ids(tokenizer, "wikitext2")[: args.check_windows * args.check_seqlen]
+    windows = windows.view(args.check_windows, args.check_seqlen)
+    t0 = time.perf_counter()
+    mlx_model, _ = mlx_lm.load(str(mlx_dir))
+    mlx_to_float32(mlx_model)
+    theirs = mlx_perplexity(mlx_model, windows)
+    model = substituted(fp, read_mlx_linears(mlx_dir, prefix=""), read_mlx_decoder_tensors(mlx_dir, prefix=""))
+    ours = perplexity(model, tokenizer, "wikitext2", seqlen=args.check_seqlen, max_windows=args.check_windows,
+                      progress=False)["ppl"]
+    return {"windows": args.check_windows, "seqlen": args.check_seqlen, "ppl_mlx_lm_fp32": theirs,
+            "ppl_ours_fp32": ours, "relative_difference": abs(theirs - ours) / ours,
+            "same_3_significant_digits": f"{theirs:.3g}" == f"{ours:.3g}",
+            "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def decoder_linear(path: str, module: Any) -> bool:
@@ -181,7 +219,11 @@ def reused_rows(bits: int, group: int) -> list[dict[str, Any]]:
         f = COMPARE_DIR / f"smollm2-w{bits}g{group}-{method}.json"
         if f.is_file():
             d = json.loads(f.read_text())
+            cal = d.get("calibration", {})
             rows.append({"row": label, "bits": bits, "group_size": group, "source": str(f),
+                         "calibration": f"{cal.get('windows')} x {cal.get('seqlen')} {cal.get('source')} "
+                                        f"(seed {cal.get('seed')})" if method == "neuqi" else
+                                        "NeUQI row's calibration; distilled on 64 x 512 C4",
                          "metrics": d["metrics"], "bits_per_weight": d["bits_per_weight"]})
     return rows
 
@@ -195,10 +237,20 @@ def linear_formats(mlx_dir: Path) -> set[tuple[int, int]]:
 
 ROW_LABELS = {"rtn": "mlx-lm RTN (convert -q)", "gptq": "mlx-lm GPTQ (gptq_quantize)",
               "awq": "mlx-lm AWQ (awq_quantize)"}
+OURS_LABEL = "ours: NeUQI + LDLQ (export_mlx, fp16 scales/biases)"
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def ours_calibration(checkpoint: Path) -> str | None:
+    """The calibration a neuqi checkpoint records in its ``neuqi_summary.json``, as ``N x L SOURCE``."""
+    summary = checkpoint / "neuqi_summary.json"
+    if not summary.is_file():
+        return None
+    cal = json.loads(summary.read_text()).get("calibration", {})
+    return f"{cal.get('nsamples')} x {cal.get('seqlen')} {cal.get('source')} (seed {cal.get('seed')})"
+
+
+def make_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Quantize, read back and score the rows this run asks for."""
     fp, tokenizer = models.load_model(args.model, dtype="float32")
     ours = dict(item.split("=", 1) for item in args.ours.split(",") if item)
     kinds = [r for r in args.rows.split(",") if r]
@@ -212,19 +264,25 @@ def main(argv: list[str] | None = None) -> int:
         fp_dir = tmp / "fp"
         fp.save_pretrained(fp_dir)
         tokenizer.save_pretrained(fp_dir)
+        # mlx-lm reads rope_theta at the top level; transformers >= 5 nests it (without this, their rows would be
+        # calibrated and run with θ = 10000 instead of SmolLM2's 100000)
+        config = json.loads((fp_dir / "config.json").read_text())
+        (fp_dir / "config.json").write_text(json.dumps(mlx_rope_config(config), indent=2))
         for bits in (int(b) for b in args.bits.split(",")):
             todo: dict[str, Any] = {ROW_LABELS[k]: k for k in kinds if not (k == "gptq" and bits not in (2, 4, 8))}
             if f"w{bits}" in ours:
-                todo["ours: NeUQI + LDLQ (export_mlx, fp16 scales/biases)"] = Path(ours[f"w{bits}"])
+                todo[OURS_LABEL] = Path(ours[f"w{bits}"])
             for label, what in todo.items():
                 t0 = time.perf_counter()
                 if isinstance(what, Path):
                     mlx_dir = tmp / f"ours-w{bits}"
-                    export_mlx(load(what), mlx_dir, scale_dtype="float16")
+                    export_mlx(load(what), mlx_dir, tokenizer, scale_dtype="float16")
+                    calibration = ours_calibration(what)
                 elif what == "rtn":
-                    mlx_dir = mlx_rtn_row(fp_dir, bits, args, tmp)
+                    mlx_dir, calibration = mlx_rtn_row(fp_dir, bits, args, tmp), None
                 else:
                     mlx_dir = {"gptq": mlx_gptq_row, "awq": mlx_awq_row}[what](fp_dir, bits, args, tmp, calib)
+                    calibration = f"{args.nsamples} x {args.seqlen} C4 (seed {args.seed})"
                 made_s = time.perf_counter() - t0
                 if linear_formats(mlx_dir) != {(bits, args.group_size)}:
                     raise ValueError(f"{label}: {mlx_dir} holds {linear_formats(mlx_dir)}, not W{bits} "
@@ -233,25 +291,85 @@ def main(argv: list[str] | None = None) -> int:
                 others = read_mlx_decoder_tensors(mlx_dir) if what == "awq" else None
                 metrics = score(fp, tokenizer, weights, args, others)
                 n = sum(w.numel() for w in weights.values())
-                rows.append({"row": label, "bits": bits, "group_size": args.group_size, "linears": len(weights),
-                             "bits_per_weight": bits + 32 / args.group_size, "quantized_weights": n,
-                             "calibration": None if what == "rtn" or isinstance(what, Path) else
-                             f"{args.nsamples} x {args.seqlen} C4 (seed {args.seed})",
-                             "metrics": metrics, "quantize_s": round(made_s, 1),
-                             "seconds": round(time.perf_counter() - t0, 1)})
-                print(rows[-1], flush=True)
+                row = {"row": label, "bits": bits, "group_size": args.group_size, "linears": len(weights),
+                       "bits_per_weight": bits + 32 / args.group_size, "quantized_weights": n,
+                       "calibration": calibration, "metrics": metrics, "quantize_s": round(made_s, 1),
+                       "seconds": round(time.perf_counter() - t0, 1)}
+                if args.check_windows:
+                    row["mlx_lm_forward_check"] = mlx_forward_check(fp, tokenizer, mlx_dir, args)
+                rows.append(row)
+                print(row, flush=True)
             if args.reuse:
                 rows += reused_rows(bits, args.group_size)
-    names = [f"{ds}_ppl" for ds in args.datasets.split(",")]
-    print(f"\n{'row':<58} {'bits':>4} " + " ".join(f"{n:>14}" for n in names))
+    return rows
+
+
+def row_label(row: dict[str, Any]) -> str:
+    return row["row"] if not row.get("calibration") else f"{row['row']}; {row['calibration']}"
+
+
+def report(out: dict[str, Any], plot: str | None) -> None:
+    """Print the table (WikiText-2 / C4 per row and bit width) and draw WikiText-2 perplexity against bits."""
+    rows, names = out["rows"], [f"{ds}_ppl" for ds in out["conditions"]["datasets"].split(",")]
+    bits = sorted({r["bits"] for r in rows})
+    labels = list(dict.fromkeys(map(row_label, rows)))
+    cell = {}
     for r in rows:
-        values = " ".join(f"{r['metrics'].get(n, float('nan')):>14.2f}" for n in names)
-        print(f"{r['row']:<58} {r['bits']:>4} {values}")
-    out = {"conditions": {"windows": args.windows, "seqlen": 2048, "dtype": args.dtype, "datasets": args.datasets,
-                          "group_size": args.group_size}, "rows": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
-    print(f"wrote {args.out}")
+        cell[row_label(r), r["bits"]] = " / ".join(f"{r['metrics'][n]:,.2f}" for n in names)
+    g = out["conditions"]["group_size"]
+    print("\n| row | " + " | ".join(f"W{b} g{g} ({b + 32 / g:.2f} bpw)" for b in bits) + " |")
+    print("|---|" + "---:|" * len(bits))
+    for label in labels:
+        print(f"| {label} | " + " | ".join(cell.get((label, b), "–") for b in bits) + " |")
+    checks = [r for r in rows if "mlx_lm_forward_check" in r]
+    if checks:
+        print("\nmlx-lm forward check (fp32, every tensor of the files):")
+        for r in checks:
+            c = r["mlx_lm_forward_check"]
+            print(f"  W{r['bits']} {r['row']}: mlx-lm {c['ppl_mlx_lm_fp32']:.4f}, ours {c['ppl_ours_fp32']:.4f} "
+                  f"(rel. {c['relative_difference']:.1e}, {c['windows']} x {c['seqlen']})")
+    if plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for label in labels:
+            mine = [r for r in rows if row_label(r) == label]
+            ax.plot([r["bits"] + 32 / g for r in mine], [r["metrics"][names[0]] for r in mine], marker="o",
+                    label=label)
+        ax.set_yscale("log")
+        ax.set_xlabel("bits per weight in the quantized linears")
+        ax.set_ylabel(f"{names[0].removesuffix('_ppl')} perplexity (log)")
+        ax.set_title(f"SmolLM2-135M-Instruct, group {g}: mlx-lm quantizers and ours")
+        ax.legend(fontsize=7)
+        ax.grid(True, which="both", alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(plot, dpi=110)
+        print(f"wrote {plot}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    path = Path(args.out)
+    old = json.loads(path.read_text()) if path.is_file() else {"rows": []}
+    conditions = {"windows": args.windows, "seqlen": 2048, "dtype": args.dtype, "datasets": args.datasets,
+                  "group_size": args.group_size}
+    if args.report_only:
+        report(old, args.plot)
+        return 0
+    if old["rows"] and old.get("conditions") != conditions:
+        raise SystemExit(f"{path} was measured under {old.get('conditions')}, not {conditions}: use another --out")
+    new = make_rows(args)
+    redone = {(r["row"], r["bits"], r.get("calibration")) for r in new}
+    rows = [r for r in old["rows"] if (r["row"], r["bits"], r.get("calibration")) not in redone] + new
+    rows.sort(key=lambda r: (r["bits"], r["row"]))
+    out = {"conditions": conditions, "rows": rows}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=2) + "\n")
+    print(f"wrote {path}")
+    report(out, args.plot)
     return 0
 
 

@@ -124,3 +124,19 @@ def test_refuses_existing_output(tmp_path) -> None:
     with pytest.raises(CheckpointError, match="overwrite"):
         export_mlx(packed_tiny("llama", 3), tmp_path / "out")
     assert (tmp_path / "out" / "keep").read_text() == "x"
+
+
+def test_fp_checkpoint_needs_lifted_rope(tmp_path) -> None:
+    """A transformers ≥ 5 config nests RoPE θ in ``rope_parameters``; mlx-lm reads the top-level ``rope_theta`` and
+    would silently run θ = 10000. ``mlx_rope_config`` lifts it, after which mlx-lm's FP forward equals ours (what
+    benchmarks/mlx_compare.py hands mlx-lm's own quantizers)."""
+    from neuqi.formats.exports.mlx import mlx_rope_config
+
+    model = tiny_causal_lm("llama", 4, intermediate_size=128, rope_theta=50000.0)
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config.get("rope_theta") is None and config["rope_parameters"]["rope_theta"] == 50000.0
+    unlifted = np.abs(mlx_logits(tmp_path) - our_logits(model)).max()
+    (tmp_path / "config.json").write_text(json.dumps(mlx_rope_config(config)))
+    lifted = np.abs(mlx_logits(tmp_path) - our_logits(model)).max()
+    assert lifted < 1e-5 and unlifted > 30 * lifted  # (a tiny random model barely depends on position)

@@ -86,9 +86,18 @@ def mlx_quantization_config(model: nn.Module) -> dict[str, Any]:
 
 
 def mlx_config(config: dict[str, Any], quantization: dict[str, Any]) -> dict[str, Any]:
-    """config.json for mlx-lm: ``quantization`` (and its mirror ``quantization_config``) added, and the RoPE
-    settings that transformers ≥ 5 nests in ``rope_parameters`` lifted to the top-level keys mlx-lm reads
-    (``rope_theta``, ``partial_rotary_factor``, and ``rope_scaling`` for a non-default RoPE type)."""
+    """config.json for mlx-lm: ``quantization`` (and its mirror ``quantization_config``) added to
+    ``mlx_rope_config(config)``."""
+    config = mlx_rope_config(config)
+    config["quantization"] = config["quantization_config"] = quantization
+    return config
+
+
+def mlx_rope_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a transformers config.json with the RoPE settings that transformers ≥ 5 nests in
+    ``rope_parameters`` lifted to the top-level keys mlx-lm reads (``rope_theta``, ``partial_rotary_factor``, and
+    ``rope_scaling`` for a non-default RoPE type). Without them mlx-lm silently falls back to its defaults (e.g.
+    θ = 10000 for Llama), which is a different model."""
     config = dict(config)
     rope = config.get("rope_parameters") or {}
     for key in ("rope_theta", "partial_rotary_factor"):
@@ -96,7 +105,6 @@ def mlx_config(config: dict[str, Any], quantization: dict[str, Any]) -> dict[str
             config[key] = rope[key]
     if rope.get("rope_type", "default") != "default" and config.get("rope_scaling") is None:
         config["rope_scaling"] = {k: v for k, v in rope.items() if k not in ("rope_theta", "partial_rotary_factor")}
-    config["quantization"] = config["quantization_config"] = quantization
     return config
 
 
