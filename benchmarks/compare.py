@@ -50,10 +50,11 @@ QUANT_ROWS = {"rtn": ("rtn", "minmax", {}), "gptq": ("ldlq", "minmax", {}),
               "neuqi_layer": ("ldlq", "neuqi", {})}
 PARAM_FIT = {"gptq_dynamic": "dynamic"}  # rows whose (s, Z) are fitted when LDLQ reaches the group
 WEIGHTING = {"neuqi_layer": "layer"}  # mixed-precision rows planned with raw layer losses (default: "fisher")
-ROWS = ("fp", *QUANT_ROWS, "distill", "hqq")
+PEER_ROWS = {"llmc_gptq": "peers/llmcompressor_gptq.py"}  # run in the peer's own venv (--peer-python)
+ROWS = ("fp", *QUANT_ROWS, "distill", "hqq", *PEER_ROWS)
 LABELS = {"fp": "FP", "rtn": "RTN", "gptq": "GPTQ (Min-Max + LDLQ)", "gptq_dynamic": "GPTQ, dynamic Min-Max",
           "neuqi_int": "NeUQI_int + LDLQ", "neuqi": "NeUQI + LDLQ", "neuqi_layer": "NeUQI + LDLQ, raw-loss plan",
-          "distill": "NeUQI + LDLQ + distill", "hqq": "HQQ"}
+          "distill": "NeUQI + LDLQ + distill", "hqq": "HQQ", "llmc_gptq": "llm-compressor GPTQ (int zero-point)"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -78,6 +79,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--report-only", action="store_true",
                    help="only rebuild the report, plot and tables from the JSON files in --out")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--peer-python", action="append", default=[], metavar="ROW=PYTHON",
+                   help=f"the Python of a peer's own virtual environment, e.g. llmc_gptq=venvs/llmc/bin/python "
+                        f"(peer rows: {list(PEER_ROWS)})")
     p.add_argument("--sens-windows", type=int, default=8, help="calibration windows for the bpw sensitivities")
     p.add_argument("--sens-rows", type=int, default=64, help="rows per linear for the bpw candidate losses")
     args = p.parse_args(argv)
@@ -151,6 +155,11 @@ def run_row(row: str, setting: str, fp: nn.Module, tokenizer, calib: torch.Tenso
         model = copy.deepcopy(fp)
         fields["quant_seconds"] = round(hqq_quantize_(model, bits, group_size), 1)
         fields["init"] = "hqq"
+    elif row in PEER_ROWS:
+        if group_size is None:
+            raise RuntimeError(f"the {row} row has no mixed-precision (bpw) setting")
+        model, extra = peer_row(row, bits, group_size, fp, tokenizer, calib, args)
+        fields.update(extra)
     elif row == "distill":
         from neuqi.distill import DistillConfig, distill
 
@@ -179,6 +188,40 @@ def run_row(row: str, setting: str, fp: nn.Module, tokenizer, calib: torch.Tenso
         fields["packed_linears"] = sum(1 for _ in quantized_linears(model))
     fields["metrics"], fields["eval_seconds"] = _timed_eval(model, tokenizer, args)
     return fields
+
+
+def peer_row(row: str, bits: int, group_size: int, fp: nn.Module, tokenizer, calib: torch.Tensor,
+             args: argparse.Namespace) -> tuple[nn.Module, dict[str, Any]]:
+    """A copy of ``fp`` whose linears hold the weights a peer tool (``PEER_ROWS[row]``, run with its own venv's
+    Python from ``--peer-python``) quantized on our calibration windows, as that tool dequantizes them."""
+    import subprocess
+    import tempfile
+
+    from safetensors.torch import load_file
+
+    pythons = dict(item.split("=", 1) for item in args.peer_python)
+    if row not in pythons:
+        raise RuntimeError(f"the {row} row runs in its own virtual environment: pass --peer-python {row}=PYTHON")
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        fp.save_pretrained(tmp / "fp")
+        tokenizer.save_pretrained(tmp / "fp")
+        torch.save(calib.cpu(), tmp / "calib.pt")
+        script = Path(__file__).parent / PEER_ROWS[row]
+        cmd = [pythons[row], str(script), str(tmp / "fp"), str(tmp / "calib.pt"), str(tmp / "out"),
+               "--bits", str(bits), "--group-size", str(group_size)]
+        log.info("peer: %s", " ".join(cmd))
+        subprocess.run(cmd, check=True)
+        weights = load_file(tmp / "out" / "weights.safetensors")
+        info = json.loads((tmp / "out" / "peer.json").read_text())
+    model = copy.deepcopy(fp)
+    for name, w in weights.items():
+        linear = model.get_submodule(name)
+        if linear.weight.shape != w.shape:
+            raise ValueError(f"{row}: {name} came back {tuple(w.shape)}, not {tuple(linear.weight.shape)}")
+        with torch.no_grad():
+            linear.weight.copy_(w)
+    return model, {"init": row, "solver": row, "quant_seconds": info["seconds"], "peer": info}
 
 
 def quantize_row(row: str, setting: str, fp: nn.Module, calib: torch.Tensor, args: argparse.Namespace,

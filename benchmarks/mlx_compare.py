@@ -24,9 +24,20 @@ matmul at 2.0), so the calibrated rows take long: ``--nsamples``/``--seqlen`` sa
 MLX) is not run. ``--reuse`` adds our rows that benchmarks/compare.py measured in memory (same evaluator, same
 windows), labelled as such.
 
-    python benchmarks/mlx_compare.py --bits 2,3,4 --ours w3=/tmp/ours-w3g64
+Every row made by this run is also checked against mlx-lm's own forward (``--check-windows`` WikiText-2 windows of
+``--check-seqlen`` tokens, fp32 on both sides, with every tensor the MLX files hold: embedding and norms as stored):
+the perplexity ``mlx_lm.load`` + forward gives, and the one our evaluator gives from our reading of the same files.
+The FP model handed to mlx-lm gets its RoPE settings lifted to the top level of config.json (``mlx_rope_config``),
+as mlx-lm reads them there.
 
-Prints a table and writes ``--out`` (JSON).
+Runs merge into ``--out``: a row (label, bits, calibration) measured again replaces the old one, others stay, so the
+slow rows can run one at a time.
+
+    python benchmarks/mlx_compare.py --bits 2,3,4 --rows rtn --ours w2=CKPT2,w3=CKPT3,w4=CKPT4
+    python benchmarks/mlx_compare.py --bits 2,4 --rows gptq --nsamples 8 --seqlen 512
+    python benchmarks/mlx_compare.py --report-only
+
+Prints a table, writes ``--out`` (JSON) and ``--plot`` (PNG).
 """
 
 from __future__ import annotations
@@ -246,7 +257,7 @@ def ours_calibration(checkpoint: Path) -> str | None:
     if not summary.is_file():
         return None
     cal = json.loads(summary.read_text()).get("calibration", {})
-    return f"{cal.get('nsamples')} x {cal.get('seqlen')} {cal.get('source')} (seed {cal.get('seed')})"
+    return f"{cal.get('windows')} x {cal.get('seqlen')} {cal.get('origin')} (seed {cal.get('seed')})"
 
 
 def make_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
