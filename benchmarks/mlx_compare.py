@@ -350,11 +350,15 @@ def report(out: dict[str, Any], plot: str | None) -> None:
             mine = [r for r in rows if row_label(r) == label]
             ax.plot([r["bits"] + 32 / g for r in mine], [r["metrics"][names[0]] for r in mine], marker="o",
                     label=label)
+        fp_row = COMPARE_DIR / "smollm2-fp-fp.json"  # same evaluator and windows (compare.py)
+        if fp_row.is_file():
+            fp_ppl = json.loads(fp_row.read_text())["metrics"][names[0]]
+            ax.axhline(fp_ppl, color="black", linestyle="--", linewidth=1, label=f"FP (bf16) {fp_ppl:.2f}")
         ax.set_yscale("log")
         ax.set_xlabel("bits per weight in the quantized linears")
         ax.set_ylabel(f"{names[0].removesuffix('_ppl')} perplexity (log)")
         ax.set_title(f"SmolLM2-135M-Instruct, group {g}: mlx-lm quantizers and ours")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=6.5, loc="upper right")
         ax.grid(True, which="both", alpha=0.3)
         fig.tight_layout()
         fig.savefig(plot, dpi=110)
