@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from tiny_models import fake_quantize_linear, tiny_causal_lm
+from tiny_models import byte_tokenizer, fake_quantize_linear, tiny_causal_lm
 from torch import nn
 
 from neuqi.cli import main
@@ -140,3 +140,37 @@ def test_fp_checkpoint_needs_lifted_rope(tmp_path) -> None:
     (tmp_path / "config.json").write_text(json.dumps(mlx_rope_config(config)))
     lifted = np.abs(mlx_logits(tmp_path) - our_logits(model)).max()
     assert lifted < 1e-5 and unlifted > 30 * lifted  # (a tiny random model barely depends on position)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_compare_reads_mlx_lm_files_as_mlx_dequantizes(tmp_path, bits: int) -> None:
+    """benchmarks/mlx_compare.py scores mlx-lm's own quantizers from the files they write: its reader must give
+    what ``mx.dequantize`` gives, for every quantized module (embedding included) and every stored norm."""
+    import sys
+    from pathlib import Path
+
+    from mlx_lm import convert
+    from mlx_lm.utils import load_model
+
+    from neuqi.formats.exports.mlx import mlx_rope_config
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    from mlx_compare import read_mlx_decoder_tensors, read_mlx_linears
+
+    model = tiny_causal_lm("llama", 4, intermediate_size=128, rope_theta=50000.0)
+    model.save_pretrained(tmp_path / "fp")
+    byte_tokenizer().save_pretrained(tmp_path / "fp")  # convert copies a tokenizer
+    config = json.loads((tmp_path / "fp" / "config.json").read_text())
+    (tmp_path / "fp" / "config.json").write_text(json.dumps(mlx_rope_config(config)))
+    convert(str(tmp_path / "fp"), str(tmp_path / "q"), quantize=True, q_bits=bits, q_group_size=32,
+            dtype="float32")
+    ours = read_mlx_linears(tmp_path / "q", prefix="")
+    mlx_model, _ = load_model(tmp_path / "q")
+    modules = dict(mlx_model.named_modules())
+    assert {"model.embed_tokens", "lm_head"} <= set(ours) and len(ours) == 2 + 7 * len(model.model.layers)
+    for name, w in ours.items():
+        m = modules[name]
+        theirs = np.array(mx.dequantize(m.weight, m.scales, m.biases, m.group_size, m.bits).astype(mx.float32))
+        np.testing.assert_allclose(w.numpy(), theirs, rtol=0, atol=1e-6 * float(np.abs(theirs).max()))
+    norms = read_mlx_decoder_tensors(tmp_path / "q", prefix="")
+    assert "model.norm.weight" in norms and all(k.endswith("norm.weight") for k in norms)
