@@ -82,7 +82,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="mlx-lm forward check per row: WikiText-2 windows (0: no check)")
     p.add_argument("--check-seqlen", type=int, default=128, help="mlx-lm forward check: window length")
     p.add_argument("--out", default="benchmarks/results/mlx_compare.json",
-                   help="JSON; rows already in it are kept unless this run redoes them (same row, bits)")
+                   help="JSON; rows already in it are kept unless this run redoes them (same row, bits, calibration)")
     p.add_argument("--plot", default="benchmarks/results/mlx_compare.png", help="WikiText-2 perplexity per row")
     p.add_argument("--report-only", action="store_true", help="table and plot from --out, nothing run")
     return p.parse_args(argv)
