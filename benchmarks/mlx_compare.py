@@ -323,13 +323,20 @@ def report(out: dict[str, Any], plot: str | None) -> None:
     """Print the table (WikiText-2 / C4 per row and bit width) and draw WikiText-2 perplexity against bits."""
     rows, names = out["rows"], [f"{ds}_ppl" for ds in out["conditions"]["datasets"].split(",")]
     bits = sorted({r["bits"] for r in rows})
-    labels = list(dict.fromkeys(map(row_label, rows)))
+    order = ("mlx-lm RTN", "mlx-lm GPTQ", "mlx-lm AWQ", "ours: NeUQI + LDLQ (export", "ours: NeUQI + LDLQ (compare",
+             "ours: NeUQI + LDLQ + distill")
+    labels = sorted(dict.fromkeys(map(row_label, rows)),
+                    key=lambda lb: (next((i for i, o in enumerate(order) if lb.startswith(o)), len(order)), lb))
     cell = {}
     for r in rows:
         cell[row_label(r), r["bits"]] = " / ".join(f"{r['metrics'][n]:,.2f}" for n in names)
     g = out["conditions"]["group_size"]
     print("\n| row | " + " | ".join(f"W{b} g{g} ({b + 32 / g:.2f} bpw)" for b in bits) + " |")
     print("|---|" + "---:|" * len(bits))
+    fp_row = COMPARE_DIR / "smollm2-fp-fp.json"  # same evaluator and windows (compare.py)
+    if fp_row.is_file():
+        fp_cell = " / ".join(f"{json.loads(fp_row.read_text())['metrics'][n]:,.2f}" for n in names)
+        print("| FP (bf16, 16 bpw) | " + " | ".join(fp_cell for _ in bits) + " |")
     for label in labels:
         print(f"| {label} | " + " | ".join(cell.get((label, b), "–") for b in bits) + " |")
     checks = [r for r in rows if "mlx_lm_forward_check" in r]
