@@ -88,14 +88,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def read_mlx_decoder_tensors(mlx_dir: Path, prefix: str = "model.layers.") -> dict[str, torch.Tensor]:
-    """{parameter name: tensor fp32} of the unquantized tensors whose names start with ``prefix`` in an MLX model
-    directory: by default the decoder layers' norm weights and biases (what AWQ rescaled); ``prefix=""``: all."""
+def read_mlx_tensors(mlx_dir: Path) -> dict[str, torch.Tensor]:
+    """Every tensor stored in an MLX model directory's ``model*.safetensors`` shards, as stored."""
     from safetensors.torch import load_file
 
     tensors: dict[str, torch.Tensor] = {}
     for f in sorted(mlx_dir.glob("model*.safetensors")):
         tensors.update(load_file(f))
+    return tensors
+
+
+def read_mlx_decoder_tensors(mlx_dir: Path, prefix: str = "model.layers.") -> dict[str, torch.Tensor]:
+    """{parameter name: tensor fp32} of the unquantized tensors whose names start with ``prefix`` in an MLX model
+    directory: by default the decoder layers' norm weights and biases (what AWQ rescaled); ``prefix=""``: all."""
+    tensors = read_mlx_tensors(mlx_dir)
     quantized = {k.removesuffix(".scales") for k in tensors if k.endswith(".scales")}
     return {k: t.float() for k, t in tensors.items() if k.startswith(prefix)
             and k.rsplit(".", 1)[0] not in quantized}
@@ -105,12 +111,8 @@ def read_mlx_linears(mlx_dir: Path, prefix: str = "model.layers.") -> dict[str, 
     """{module name: w (out, in) fp32} for every affine-quantized module whose name starts with ``prefix`` in an
     MLX model directory (``prefix=""``: the embedding too), w = s·q + b computed in fp32 (s·q is exact; one
     rounding) from the stored uint32 codes, scales and biases."""
-    from safetensors.torch import load_file
-
     config = json.loads((mlx_dir / "config.json").read_text())["quantization"]
-    tensors: dict[str, torch.Tensor] = {}
-    for f in sorted(mlx_dir.glob("model*.safetensors")):
-        tensors.update(load_file(f))
+    tensors = read_mlx_tensors(mlx_dir)
     weights = {}
     for key in [k for k in tensors if k.endswith(".scales") and k.startswith(prefix)]:
         name = key.removesuffix(".scales")
@@ -327,15 +329,16 @@ def report(out: dict[str, Any], plot: str | None) -> None:
              "ours: NeUQI + LDLQ + distill")
     labels = sorted(dict.fromkeys(map(row_label, rows)),
                     key=lambda lb: (next((i for i, o in enumerate(order) if lb.startswith(o)), len(order)), lb))
+    fp_row = COMPARE_DIR / "smollm2-fp-fp.json"  # same evaluator and windows (compare.py)
+    fp_metrics = json.loads(fp_row.read_text())["metrics"] if fp_row.is_file() else None
     cell = {}
     for r in rows:
         cell[row_label(r), r["bits"]] = " / ".join(f"{r['metrics'][n]:,.2f}" for n in names)
     g = out["conditions"]["group_size"]
     print("\n| row | " + " | ".join(f"W{b} g{g} ({b + 32 / g:.2f} bpw)" for b in bits) + " |")
     print("|---|" + "---:|" * len(bits))
-    fp_row = COMPARE_DIR / "smollm2-fp-fp.json"  # same evaluator and windows (compare.py)
-    if fp_row.is_file():
-        fp_cell = " / ".join(f"{json.loads(fp_row.read_text())['metrics'][n]:,.2f}" for n in names)
+    if fp_metrics:
+        fp_cell = " / ".join(f"{fp_metrics[n]:,.2f}" for n in names)
         print("| FP (bf16, 16 bpw) | " + " | ".join(fp_cell for _ in bits) + " |")
     for label in labels:
         print(f"| {label} | " + " | ".join(cell.get((label, b), "–") for b in bits) + " |")
@@ -357,9 +360,8 @@ def report(out: dict[str, Any], plot: str | None) -> None:
             mine = [r for r in rows if row_label(r) == label]
             ax.plot([r["bits"] + 32 / g for r in mine], [r["metrics"][names[0]] for r in mine], marker="o",
                     label=label)
-        fp_row = COMPARE_DIR / "smollm2-fp-fp.json"  # same evaluator and windows (compare.py)
-        if fp_row.is_file():
-            fp_ppl = json.loads(fp_row.read_text())["metrics"][names[0]]
+        if fp_metrics:
+            fp_ppl = fp_metrics[names[0]]
             ax.axhline(fp_ppl, color="black", linestyle="--", linewidth=1, label=f"FP (bf16) {fp_ppl:.2f}")
         ax.set_yscale("log")
         ax.set_xlabel("bits per weight in the quantized linears")
