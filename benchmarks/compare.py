@@ -4,7 +4,8 @@ Rows: FP, RTN (Min-Max, round to nearest), GPTQ (Min-Max + LDLQ), NeUQI_int + LD
 NeUQI + LDLQ + distill (2 and 3 bits), and HQQ (the real ``hqq`` library: float zero-points, no calibration data).
 Settings: W4 g64, W3 g64, W2 g64, W3 channel-wise, W2 channel-wise, and mixed precision at 2.5 and 3.5 bits per
 weight (``bpw2.5``, ``bpw3.5``: ``QuantConfig.bpw``; the sensitivities are measured once and kept in
-``sensitivity-<model>.json``; ``neuqi_layer`` plans with raw layer losses instead of the output-Fisher weighting).
+``sensitivity-<model>.json``; NeUQI rows plan on the Fisher losses calibrated by end-to-end KL anchors,
+``neuqi_fisher`` on the Fisher losses alone, ``neuqi_layer`` on raw layer losses).
 ``gptq_dynamic`` is GPTQ with Min-Max fitted when LDLQ reaches each group. Every quantized row uses the same calibration
 windows (C4 train from ../shared/data, seed 0) and is evaluated on WikiText-2 and C4 perplexity (GPTQ convention,
 the first ``--windows`` windows of 2048) and, with ``--zero-shot``, on the five lm-eval tasks.
@@ -40,21 +41,25 @@ log = logging.getLogger("compare")
 SETTINGS = {"w4g64": (4, 64), "w3g64": (3, 64), "w2g64": (2, 64), "w3c": (3, -1), "w2c": (2, -1),
             "bpw2.5": (2.5, None), "bpw3.5": (3.5, None)}
 # "bpwB" settings: mixed precision at B average bits per weight (QuantConfig.bpw); the quantized rows then use the
-# plan chosen with the output-Fisher weighted losses, "neuqi_layer" the plan chosen with raw layer losses.
+# plan chosen with the KL-calibrated losses, "neuqi_fisher" with the Fisher losses alone, "neuqi_layer" with raw
+# layer losses.
 # row -> (solver, initializer, initializer options); "fp", "hqq" and "distill" are handled apart.
 # NeUQI_int searches NeUQI's 96 coarse-to-fine candidate scales instead of the paper's 2048: within 0.3 % of the full
 # grid's loss on SmolLM2 and 10-14x cheaper (benchmarks/int_search.py), so the whole table fits on a CPU (see README).
 QUANT_ROWS = {"rtn": ("rtn", "minmax", {}), "gptq": ("ldlq", "minmax", {}),
               "gptq_dynamic": ("ldlq", "minmax", {}),
               "neuqi_int": ("ldlq", "neuqi_int", {"search": "coarse_to_fine"}), "neuqi": ("ldlq", "neuqi", {}),
-              "neuqi_layer": ("ldlq", "neuqi", {})}
+              "neuqi_fisher": ("ldlq", "neuqi", {}), "neuqi_layer": ("ldlq", "neuqi", {})}
 PARAM_FIT = {"gptq_dynamic": "dynamic"}  # rows whose (s, Z) are fitted when LDLQ reaches the group
-WEIGHTING = {"neuqi_layer": "layer"}  # mixed-precision rows planned with raw layer losses (default: "fisher")
-PEER_ROWS = {"llmc_gptq": "peers/llmcompressor_gptq.py"}  # run in the peer's own venv (--peer-python)
+WEIGHTING = {"neuqi_fisher": "fisher", "neuqi_layer": "layer"}  # mixed-precision rows' weighting (default: "kl")
+PEER_ROWS = {"llmc_gptq": "peers/llmcompressor_gptq.py",  # run in the peer's own venv (--peer-python)
+             "autoround": "peers/autoround.py"}
 ROWS = ("fp", *QUANT_ROWS, "distill", "hqq", *PEER_ROWS)
 LABELS = {"fp": "FP", "rtn": "RTN", "gptq": "GPTQ (Min-Max + LDLQ)", "gptq_dynamic": "GPTQ, dynamic Min-Max",
-          "neuqi_int": "NeUQI_int + LDLQ", "neuqi": "NeUQI + LDLQ", "neuqi_layer": "NeUQI + LDLQ, raw-loss plan",
-          "distill": "NeUQI + LDLQ + distill", "hqq": "HQQ", "llmc_gptq": "llm-compressor GPTQ (int zero-point)"}
+          "neuqi_int": "NeUQI_int + LDLQ", "neuqi": "NeUQI + LDLQ", "neuqi_fisher": "NeUQI + LDLQ, Fisher-only plan",
+          "neuqi_layer": "NeUQI + LDLQ, raw-loss plan",
+          "distill": "NeUQI + LDLQ + distill", "hqq": "HQQ", "llmc_gptq": "llm-compressor GPTQ (int zero-point)",
+          "autoround": "AutoRound, light recipe (int zero-point)"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -79,6 +84,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--report-only", action="store_true",
                    help="only rebuild the report, plot and tables from the JSON files in --out")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--peer-cache", default=None, metavar="DIR",
+                   help="keep each peer row's weights here and reuse them (e.g. to add zero-shot columns later)")
     p.add_argument("--peer-python", action="append", default=[], metavar="ROW=PYTHON",
                    help=f"the Python of a peer's own virtual environment, e.g. llmc_gptq=venvs/llmc/bin/python "
                         f"(peer rows: {list(PEER_ROWS)})")
@@ -180,7 +187,7 @@ def run_row(row: str, setting: str, fp: nn.Module, tokenizer, calib: torch.Tenso
         if row == "neuqi" and "distill" in args.methods.split(","):
             cache[f"{setting}/neuqi"] = model
     if group_size is None:  # mixed precision: the planned formats, counted exactly
-        plan = cache[f"{setting}/plan/{WEIGHTING.get(row, 'fisher')}"]
+        plan = cache[f"{setting}/plan/{WEIGHTING.get(row, 'kl')}"]
         fields["bits_per_weight"] = round(planned_bits_per_weight(fp, plan), 4)
     else:
         fields["bits_per_weight"] = round(model_bits_per_weight(fp, bits, group_size), 4)
@@ -193,7 +200,37 @@ def run_row(row: str, setting: str, fp: nn.Module, tokenizer, calib: torch.Tenso
 def peer_row(row: str, bits: int, group_size: int, fp: nn.Module, tokenizer, calib: torch.Tensor,
              args: argparse.Namespace) -> tuple[nn.Module, dict[str, Any]]:
     """A copy of ``fp`` whose linears hold the weights a peer tool (``PEER_ROWS[row]``, run with its own venv's
-    Python from ``--peer-python``) quantized on our calibration windows, as that tool dequantizes them."""
+    Python from ``--peer-python``) quantized on our calibration windows, as that tool dequantizes them; with
+    ``--peer-cache`` a kept run is reused."""
+    from safetensors.torch import load_file
+
+    cached = Path(args.peer_cache) / f"{Path(args.model).name}-{row}-w{bits}g{group_size}-{calib_key(calib, args)}" \
+        if args.peer_cache else None
+    if cached is not None and (cached / "peer.json").exists():
+        log.info("peer: %s from %s (not re-run)", row, cached)
+        weights, info = load_file(cached / "weights.safetensors"), json.loads((cached / "peer.json").read_text())
+    else:
+        weights, info = run_peer(row, bits, group_size, fp, tokenizer, calib, args, cached)
+    model = copy.deepcopy(fp)
+    for name, w in weights.items():
+        linear = model.get_submodule(name)
+        if linear.weight.shape != w.shape:
+            raise ValueError(f"{row}: {name} came back {tuple(w.shape)}, not {tuple(linear.weight.shape)}")
+        with torch.no_grad():
+            linear.weight.copy_(w)
+    return model, {"init": row, "solver": row, "quant_seconds": info["seconds"], "peer": info}
+
+
+def calib_key(calib: torch.Tensor, args: argparse.Namespace) -> str:
+    """The calibration windows as a file-name part, e.g. ``c4-32x2048-s0``."""
+    return f"{Path(args.calib).name}-{calib.shape[0]}x{calib.shape[1]}-s{args.seed}"
+
+
+def run_peer(row: str, bits: int, group_size: int, fp: nn.Module, tokenizer, calib: torch.Tensor,
+             args: argparse.Namespace, keep: Path | None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Run the peer script of ``row`` with its venv's Python on a saved copy of ``fp`` and ``calib``; its
+    (weights, info), also kept in ``keep`` (moved there whole, so a stopped run leaves nothing) when given."""
+    import shutil
     import subprocess
     import tempfile
 
@@ -214,14 +251,10 @@ def peer_row(row: str, bits: int, group_size: int, fp: nn.Module, tokenizer, cal
         subprocess.run(cmd, check=True)
         weights = load_file(tmp / "out" / "weights.safetensors")
         info = json.loads((tmp / "out" / "peer.json").read_text())
-    model = copy.deepcopy(fp)
-    for name, w in weights.items():
-        linear = model.get_submodule(name)
-        if linear.weight.shape != w.shape:
-            raise ValueError(f"{row}: {name} came back {tuple(w.shape)}, not {tuple(linear.weight.shape)}")
-        with torch.no_grad():
-            linear.weight.copy_(w)
-    return model, {"init": row, "solver": row, "quant_seconds": info["seconds"], "peer": info}
+        if keep is not None:
+            keep.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(tmp / "out"), str(keep))
+    return weights, info
 
 
 def quantize_row(row: str, setting: str, fp: nn.Module, calib: torch.Tensor, args: argparse.Namespace,
@@ -268,7 +301,19 @@ def plan_row(row: str, setting: str, fp: nn.Module, calib: torch.Tensor, args: a
         cache["sensitivity"] = sens
         charged = sens.info["seconds"]
         save_sensitivity(sens, path)
-    weighting = WEIGHTING.get(row, "fisher")
+    weighting = WEIGHTING.get(row, "kl")
+    if weighting not in cache["sensitivity"].losses:  # a file from before the end-to-end anchors: add them
+        start = time.perf_counter()
+        sens = cache["sensitivity"]
+        stats = sensitivity.measure_stats(fp, calib[:sens.info["windows"]], args.device)
+        kl_tokens = sensitivity.kl_windows_of(calib, sens.info["windows"], 2)[:, :512]
+        anchors = sensitivity.anchor_kl(fp, stats, kl_tokens, QuantConfig(**common))
+        seconds = round(time.perf_counter() - start, 2)
+        sens.info.update(kl_tokens=list(kl_tokens.shape), anchors=[list(a) for a in sensitivity.ANCHORS],
+                         kl_seconds=seconds, seconds=round(sens.info["seconds"] + seconds, 2))
+        cache["sensitivity"] = sensitivity.Sensitivity(sens.losses, sens.shapes, sens.info, anchors)
+        charged += seconds
+        save_sensitivity(cache["sensitivity"], path)
     plan, report = sensitivity.plan_from_sensitivity(cache["sensitivity"], bpw, weighting)
     cache[f"{setting}/plan/{weighting}"] = plan
     report.update(seconds_charged=charged, formats=plan_counts(plan))
@@ -276,11 +321,21 @@ def plan_row(row: str, setting: str, fp: nn.Module, calib: torch.Tensor, args: a
     return QuantConfig(bpw=bpw, plan=plan, **common), report
 
 
+def _keys(d: dict[str, dict[tuple[int, int], float]]) -> dict[str, dict[str, float]]:
+    return {n: {f"{k},{g}": v for (k, g), v in by.items()} for n, by in d.items()}
+
+
+def _tuples(d: dict[str, dict[str, float]]) -> dict[str, dict[tuple[int, int], float]]:
+    return {n: {tuple(int(x) for x in k.split(",")): v for k, v in by.items()} for n, by in d.items()}
+
+
 def save_sensitivity(sens, path: Path) -> None:
-    """The candidate losses as JSON: {weighting: {linear: {"bits,group": loss}}}, with shapes and info."""
-    losses = {w: {n: {f"{k},{g}": v for (k, g), v in d.items()} for n, d in by.items()}
-              for w, by in sens.losses.items()}
-    path.write_text(json.dumps({"info": sens.info, "shapes": sens.shapes, "losses": losses}, indent=1))
+    """The candidate losses as JSON: {weighting: {linear: {"bits,group": loss}}}, with shapes, info and the
+    measured end-to-end anchors (the "kl" losses are recomputed from them on loading)."""
+    losses = {w: _keys(by) for w, by in sens.losses.items() if w != "kl"}
+    anchors = None if sens.anchors is None else _keys(sens.anchors)
+    path.write_text(json.dumps({"info": sens.info, "shapes": sens.shapes, "losses": losses, "anchors": anchors},
+                               indent=1))
 
 
 def load_sensitivity(path: Path):
@@ -288,9 +343,10 @@ def load_sensitivity(path: Path):
     from neuqi.pipeline.sensitivity import Sensitivity
 
     data = json.loads(path.read_text())
-    losses = {w: {n: {tuple(int(x) for x in k.split(",")): v for k, v in d.items()} for n, d in by.items()}
-              for w, by in data["losses"].items()}
-    return Sensitivity(losses, {n: tuple(s) for n, s in data["shapes"].items()}, data["info"])
+    anchors = data.get("anchors")
+    return Sensitivity({w: _tuples(by) for w, by in data["losses"].items()},
+                       {n: tuple(s) for n, s in data["shapes"].items()}, data["info"],
+                       None if anchors is None else _tuples(anchors))
 
 
 def plan_counts(plan: dict[str, list[int]]) -> dict[str, int]:

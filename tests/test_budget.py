@@ -216,3 +216,56 @@ def test_cli_bpw_plan_table_summary_and_refusal(tmp_path, capsys) -> None:
     assert summary["config"]["bpw"] == 2.75 and summary["plan"]["bpw"] <= 2.75 and len(plan) == 14
     for name, (bits, group) in plan.items():  # one table row per linear
         assert re.search(rf"^{re.escape(name)} +{bits} +{'chan' if group == -1 else group} ", printed, re.M)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_anchor_kl_against_a_full_forward(arch: str) -> None:
+    """The end-to-end KL of one linear quantized alone (run from its layer's cached input) equals quantizing it in
+    the model and running the whole forward; the model comes back bit-identical."""
+    model = tiny_causal_lm(arch, seed=2).float()
+    tokens = torch.randint(3, 128, (2, 24), generator=torch.Generator().manual_seed(1))
+    stats = sensitivity.measure_stats(model, tokens)
+    config = QuantConfig(bits=2, group_size=32)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    kl = sensitivity.anchor_kl(model, stats, tokens, config, anchors=((2, 32), (2, -1)))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        logp_fp = torch.log_softmax(model(input_ids=tokens).logits.float(), -1)
+        for name in ("model.layers.0.self_attn.k_proj", "model.layers.1.mlp.down_proj"):
+            linear = model.get_submodule(name)
+            for anchor in ((2, 32), (2, -1)):
+                linear.weight.copy_(sensitivity.quantize_rows(before[f"{name}.weight"], stats[name], *anchor, config))
+                logp = torch.log_softmax(model(input_ids=tokens).logits.float(), -1)
+                linear.weight.copy_(before[f"{name}.weight"])
+                expected = (logp_fp.exp() * (logp_fp - logp)).sum(-1).mean().item()
+                assert expected > 0
+                assert kl[name][anchor] == pytest.approx(expected, rel=1e-4, abs=1e-9)
+    assert set(kl) == set(sensitivity.decoder_linears(model))
+
+
+def test_calibrated_losses_meet_the_anchors_and_keep_the_fisher_shape() -> None:
+    fisher = {"a": {(2, 64): 2.0, (3, 64): 0.5, (2, -1): 4.0, (3, -1): 1.0},
+              "b": {(2, -1): 1.0, (4, -1): 0.1}}  # no grouped candidate: every candidate uses the channel anchor
+    kl = {"a": {(2, 64): 6.0, (2, -1): 20.0}, "b": {(2, -1): 3.0}}
+    got = sensitivity.calibrated_losses(fisher, kl)
+    assert got["a"] == {(2, 64): 6.0, (3, 64): 1.5, (2, -1): 20.0, (3, -1): 5.0}
+    assert got["b"] == pytest.approx({(2, -1): 3.0, (4, -1): 0.3})
+
+
+def test_kl_weighting_plans_on_the_measured_anchors() -> None:
+    """measure_sensitivity keeps the anchors and the "kl" losses built from them; the plan report says which
+    weighting chose it; a sensitivity without anchors refuses the "kl" weighting."""
+    model = tiny_causal_lm("llama", seed=3).float()
+    tokens = torch.randint(3, 128, (4, 32), generator=torch.Generator().manual_seed(2))
+    config = QuantConfig(bits=2, group_size=32)
+    sens = sensitivity.measure_sensitivity(model, tokens, config, windows=2, rows=8, kl_windows=2, kl_seqlen=16)
+    assert sens.info["kl_tokens"] == [2, 16] and set(sens.anchors) == set(sens.shapes)
+    assert sens.losses["kl"] == sensitivity.calibrated_losses(sens.losses["fisher"], sens.anchors)
+    plan, report = sensitivity.plan_from_sensitivity(sens, 3.0)
+    assert report["weighting"] == "kl" and report["bpw"] <= 3.0
+    fisher_only = sensitivity.measure_sensitivity(model, tokens, config, windows=2, rows=8, kl_windows=0)
+    assert fisher_only.anchors is None and "kl" not in fisher_only.losses
+    with pytest.raises(ConfigError, match="anchors"):
+        sensitivity.plan_from_sensitivity(fisher_only, 3.0)
+    torch.testing.assert_close(sensitivity.kl_windows_of(tokens, 2, 2), tokens[2:4])
+    torch.testing.assert_close(sensitivity.kl_windows_of(tokens, 3, 2), tokens[2:4])  # not enough left: the last
