@@ -384,34 +384,49 @@ def _cell(metrics: dict[str, float], key: str) -> str:
     return "–" if value is None else f"{value:,.0f}" if value >= 1000 else f"{value:.2f}"
 
 
-def pivot_tables(results: list[dict[str, Any]]) -> str:
-    """Markdown: WikiText-2 / C4 perplexity per method (rows) and setting (columns), then quantization minutes."""
-    settings = [s for s in SETTINGS if any(r.get("setting") == s for r in results)]
+def _pivot(title: str, results: list[dict[str, Any]], settings: list[str], head: str, cell, missing: str,
+           fp_cell: str | None = None) -> list[str]:
+    """One markdown table: a row per method that has any cell, a column per setting; ``cell(result)`` → text."""
     by = {(r.get("method"), r.get("setting")): r for r in results}
-    fp = by.get(("fp", None))
+    lines = [title, "", head, "|---|" + "---:|" * len(settings)]
+    if fp_cell is not None:
+        lines.append("| FP (16 bpw) | " + " | ".join(fp_cell for _ in settings) + " |")
+    for row in ROWS[1:]:
+        cells = [cell(by[(row, s)]) if (row, s) in by else None for s in settings]
+        cells = [missing if c is None else c for c in cells]
+        if any(c != missing for c in cells):
+            lines.append(f"| {LABELS[row]} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def pivot_tables(results: list[dict[str, Any]]) -> str:
+    """Markdown: WikiText-2 / C4 perplexity per method (rows) and setting (columns), the zero-shot average where
+    rows have it, then quantization minutes."""
+    settings = [s for s in SETTINGS if any(r.get("setting") == s for r in results)]
+    fp = next((r for r in results if r.get("method") == "fp"), None)
     bpw = {s: next(r["bits_per_weight"] for r in results if r.get("setting") == s) for s in settings}
     head = "| method | " + " | ".join(f"{SETTING_TITLES[s]} ({bpw[s]:.2f} bpw)" for s in settings) + " |"
-    lines = ["WikiText-2 / C4 perplexity", "", head, "|---|" + "---:|" * len(settings)]
-    if fp is not None:
-        cell = f"{_cell(fp['metrics'], 'wikitext2_ppl')} / {_cell(fp['metrics'], 'c4_ppl')}"
-        lines.append("| FP (16 bpw) | " + " | ".join(cell for _ in settings) + " |")
-    for row in ROWS[1:]:
-        cells = []
-        for s in settings:
-            r = by.get((row, s))
-            if r is None:
-                cells.append("not run")
-                continue
-            cell = f"{_cell(r['metrics'], 'wikitext2_ppl')} / {_cell(r['metrics'], 'c4_ppl')}"
-            cells.append(f"**{cell}**" if row == "neuqi" else cell)
-        if any(c != "not run" for c in cells):
-            lines.append(f"| {LABELS[row]} | " + " | ".join(cells) + " |")
-    lines += ["", "Quantization wall time, minutes", "", head, "|---|" + "---:|" * len(settings)]
-    for row in ROWS[1:]:
-        cells = [f"{by[(row, s)]['quant_seconds'] / 60:.1f}" if (row, s) in by else "–" for s in settings]
-        if any(c != "–" for c in cells):
-            lines.append(f"| {LABELS[row]} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+
+    def ppl(r: dict[str, Any]) -> str:
+        cell = f"{_cell(r['metrics'], 'wikitext2_ppl')} / {_cell(r['metrics'], 'c4_ppl')}"
+        return f"**{cell}**" if r.get("method") == "neuqi" else cell
+
+    def zero_shot(r: dict[str, Any]) -> str | None:
+        avg = r["metrics"].get("zero_shot_avg")
+        return None if avg is None else f"{100 * avg:.1f}"
+
+    fp_ppl = None if fp is None else f"{_cell(fp['metrics'], 'wikitext2_ppl')} / {_cell(fp['metrics'], 'c4_ppl')}"
+    lines = _pivot("WikiText-2 / C4 perplexity", results, settings, head, ppl, "not run", fp_ppl)
+    scored = [r for r in results if "zero_shot_avg" in r["metrics"]]
+    if scored:
+        limits = sorted({str(r.get("settings", {}).get("limit")) for r in scored})
+        fp_zs = zero_shot(fp) if fp is not None else None
+        lines += _pivot(f"Zero-shot average, % (ARC-e acc, ARC-c acc_norm, HellaSwag acc_norm, PIQA acc, WinoGrande "
+                        f"acc; lm-eval, first {'/'.join(limits)} examples per task)", results, settings, head,
+                        zero_shot, "–", fp_zs)
+    lines += _pivot("Quantization wall time, minutes", results, settings, head,
+                    lambda r: f"{r['quant_seconds'] / 60:.1f}", "–")
+    return "\n".join(lines[:-1]) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
