@@ -318,7 +318,7 @@ def plan_row(row: str, setting: str, fp: nn.Module, calib: torch.Tensor, args: a
     cache[f"{setting}/plan/{weighting}"] = plan
     report.update(seconds_charged=charged, formats=plan_counts(plan))
     print(sensitivity.plan_table(plan, cache["sensitivity"].shapes))
-    return QuantConfig(bpw=bpw, plan=plan, **common), report
+    return QuantConfig(bpw=bpw, plan=plan, bpw_weighting=weighting, **common), report
 
 
 def _keys(d: dict[str, dict[tuple[int, int], float]]) -> dict[str, dict[str, float]]:

@@ -267,5 +267,10 @@ def test_kl_weighting_plans_on_the_measured_anchors() -> None:
     assert fisher_only.anchors is None and "kl" not in fisher_only.losses
     with pytest.raises(ConfigError, match="anchors"):
         sensitivity.plan_from_sensitivity(fisher_only, 3.0)
+    _, fisher_report = sensitivity.plan_for_budget(model, tokens, QuantConfig(bpw=3.0, bpw_weighting="fisher"),
+                                                   windows=2, rows=8)
+    assert fisher_report["weighting"] == "fisher" and "kl_tokens" not in fisher_report
+    with pytest.raises(ConfigError, match="bpw_weighting"):
+        QuantConfig(bpw=3.0, bpw_weighting="hessian")
     torch.testing.assert_close(sensitivity.kl_windows_of(tokens, 2, 2), tokens[2:4])
     torch.testing.assert_close(sensitivity.kl_windows_of(tokens, 3, 2), tokens[2:4])  # not enough left: the last

@@ -17,6 +17,7 @@ from ..quant import grid, solvers
 from ..quant.grid import check_positive_int
 
 PARAM_FITS = ("static", "dynamic")
+BPW_WEIGHTINGS = ("kl", "fisher", "layer")  # how --bpw compares linears (neuqi.pipeline.sensitivity)
 SOLVERS = ("rtn", "gptq", "ldlq")
 INITS = ("minmax", "neuqi_int", "neuqi")
 CONFIG_VERSION = 1
@@ -47,6 +48,11 @@ class QuantConfig:
         default=None,
         metadata={"help": "mixed precision: average bits per weight (codes + fp16 scales and zeros) over the "
                   "quantized linears; bits and group size are then chosen per linear (neuqi.pipeline.budget)"})
+    bpw_weighting: str = field(
+        default="kl",
+        metadata={"help": "--bpw losses: kl: Fisher losses calibrated per linear on its measured end-to-end KL "
+                  "(2 extra forwards per linear); fisher: output-Fisher losses only; layer: raw layer losses",
+                  "choices": BPW_WEIGHTINGS})
     plan: dict[str, list[int]] | None = field(
         default=None, metadata={"cli": False, "help": "{linear name: [bits, group_size]} overriding bits and "
                                 "group_size per linear (what --bpw chose)"})
@@ -72,6 +78,8 @@ class QuantConfig:
         check_positive_int("batch_size", self.batch_size)
         if not isinstance(self.init_options, dict) or not all(isinstance(k, str) for k in self.init_options):
             raise ConfigError("init_options must be a dict with string keys")
+        if self.bpw_weighting not in BPW_WEIGHTINGS:
+            raise ConfigError(f"unknown bpw_weighting {self.bpw_weighting!r}; choose one of {list(BPW_WEIGHTINGS)}")
         _check_mixed(self.bpw, self.plan)
         if self.version != CONFIG_VERSION:
             raise ConfigError(f"QuantConfig version {self.version} is not supported (this is {CONFIG_VERSION})")

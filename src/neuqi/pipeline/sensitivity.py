@@ -39,11 +39,11 @@ from torch import nn
 from ..errors import ConfigError
 from ..quant import grid, solvers
 from . import adapters, budget
-from .config import QuantConfig
+from .config import BPW_WEIGHTINGS, QuantConfig
 
 log = logging.getLogger(__name__)
 
-WEIGHTINGS = ("kl", "fisher", "layer")  # "kl" needs the anchors (``anchor_kl``)
+WEIGHTINGS = BPW_WEIGHTINGS  # "kl" needs the anchors (``anchor_kl``)
 MEASURED = ("fisher", "layer")  # what ``candidate_losses`` gives
 
 
@@ -346,13 +346,14 @@ def plan_from_sensitivity(sens: Sensitivity, bpw: float, weighting: str = "kl"
 
 
 def plan_for_budget(model: nn.Module, tokens: torch.Tensor, config: QuantConfig, device: torch.device | None = None,
-                    windows: int = 8, rows: int = 64, weighting: str = "kl") -> tuple[QuantConfig, dict[str, Any]]:
-    """``config`` with ``plan`` = the per-linear (bits, group_size) minimising the predicted loss at
-    ``config.bpw`` (refused before any work if out of range), and the plan's report."""
+                    windows: int = 8, rows: int = 64) -> tuple[QuantConfig, dict[str, Any]]:
+    """``config`` with ``plan`` = the per-linear (bits, group_size) minimising the ``config.bpw_weighting`` losses
+    at ``config.bpw`` (refused before any work if out of range), and the plan's report."""
     if config.bpw is None:
         raise ConfigError("plan_for_budget needs config.bpw")
     linears = decoder_linears(model)
     check_bpw(config.bpw, {n: (m.out_features, m.in_features) for n, (_, m) in linears.items()})
+    weighting = config.bpw_weighting
     sens = measure_sensitivity(model, tokens, config, device, windows, rows, kl_windows=2 if weighting == "kl" else 0)
     plan, report = plan_from_sensitivity(sens, config.bpw, weighting)
     return QuantConfig.from_dict({**config.to_dict(), "plan": plan}), report
