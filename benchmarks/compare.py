@@ -450,12 +450,12 @@ def main(argv: list[str] | None = None) -> int:
     plan = [("fp", "fp")] if "fp" in rows else []
     for setting in args.settings.split(","):
         bits = SETTINGS[setting][0]
-        plan += [(r, setting) for r in rows if r != "fp" and not (r == "distill" and bits > 3)
+        plan += [(r, setting) for r in rows if r != "fp" and not (r == "distill" and bits >= 4)
                  and not (r == "hqq" and SETTINGS[setting][1] is None)]
     cache: dict[str, nn.Module] = {}  # setting/neuqi -> packed NeUQI model, the distill row's student
     for i, (row, setting) in enumerate(plan, 1):
         path = out / f"{Path(model_name).name}-{setting}-{row}.json"
-        needed_by_distill = row == "neuqi" and "distill" in rows and SETTINGS[setting][0] <= 3 and not (
+        needed_by_distill = row == "neuqi" and "distill" in rows and SETTINGS[setting][0] < 4 and not (
             out / f"{Path(model_name).name}-{setting}-distill.json").exists()
         if path.exists() and not args.redo and not needed_by_distill:
             log.info("[%d/%d] %s %s: kept %s", i, len(plan), setting, row, path)
