@@ -7,32 +7,24 @@ Run by ``benchmarks/compare.py`` (row ``autoround``) with the peer environment's
 
 FP_DIR: a transformers checkpoint (saved by the harness); CALIB.pt: the harness's calibration token ids (n, seqlen).
 The recipe is AutoRound's documented light one (``iters=50``, ``lr=5e-3``; the default is 200 iterations, about
-4x the time, over 3 h per row on this 2-core CPU): asymmetric integer zero-points (``sym=False``) at our bits and
+4x the time: some 1.5 h per SmolLM2 row on one thread here, where the light one took 23-24 min): asymmetric integer zero-points (``sym=False``) at our bits and
 group size, every decoder linear, ``lm_head`` left alone. The tokens are exactly the harness's calibration tokens,
 cut into windows of ``--window`` (default 512, so 32 x 2048 becomes 128 x 512; AutoRound tunes each block on
-mini-batches of 8 windows, and 2048-token windows would cost 4x per step). OUT_DIR gets ``weights.safetensors``
-(every quantized linear's weight as AutoRound leaves it in the model after tuning: its own fake-quantized
-``scale·(q − zero_point)``, fp32) and ``peer.json`` (versions, recipe, seconds). This file imports only the
-peer's packages, never neuqi.
+mini-batches of 8 windows, and 2048-token windows would cost 4x per step). OUT_DIR gets what ``contract`` says,
+with every quantized linear's weight as AutoRound leaves it in the model after tuning: its own fake-quantized
+``scale·(q − zero_point)``. This file imports only the peer's packages, never neuqi.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
-from pathlib import Path
 
+import contract
 import torch
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("fp_dir", type=Path)
-    p.add_argument("calib", type=Path)
-    p.add_argument("out", type=Path)
-    p.add_argument("--bits", type=int, required=True)
-    p.add_argument("--group-size", type=int, required=True)
+    p = contract.parser(__doc__)
     p.add_argument("--iters", type=int, default=50, help="tuning steps per block (light recipe: 50, default: 200)")
     p.add_argument("--lr", type=float, default=5e-3, help="sign-gradient step (light recipe: 5e-3)")
     p.add_argument("--window", type=int, default=512, help="calibration window length handed to AutoRound")
@@ -41,7 +33,6 @@ def main() -> int:
     import auto_round
     import transformers
     from auto_round import AutoRound
-    from safetensors.torch import save_file
 
     ids = torch.load(args.calib)  # (n, seqlen) int64
     if ids.shape[1] % args.window:
@@ -63,14 +54,11 @@ def main() -> int:
         if getattr(module, "scale", None) is None:
             raise SystemExit(f"AutoRound left {name} unquantized")
         out[name] = module.weight.data.float().contiguous()
-    args.out.mkdir(parents=True, exist_ok=True)
-    save_file(out, str(args.out / "weights.safetensors"))
     info = {"tool": "AutoRound (light recipe)", "auto_round": auto_round.__version__,
             "transformers": transformers.__version__, "torch": torch.__version__, "recipe": recipe,
             "linears": len(out), "calibration": list(ids.shape), "windows": list(windows.shape),
             "seconds": round(seconds, 1)}
-    (args.out / "peer.json").write_text(json.dumps(info, indent=2) + "\n")
-    print(json.dumps(info))
+    contract.write(args.out, out, info)
     return 0
 
 

@@ -15,21 +15,14 @@ This file imports only the peer's packages, never neuqi.
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
-from pathlib import Path
 
+import contract
 import torch
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("fp_dir", type=Path)
-    p.add_argument("calib", type=Path)
-    p.add_argument("out", type=Path)
-    p.add_argument("--bits", type=int, required=True)
-    p.add_argument("--group-size", type=int, required=True)
+    p = contract.parser(__doc__)
     args = p.parse_args()
 
     import compressed_tensors
@@ -39,7 +32,6 @@ def main() -> int:
     from datasets import Dataset
     from llmcompressor import oneshot
     from llmcompressor.modifiers.quantization import GPTQModifier
-    from safetensors.torch import save_file
 
     ids = torch.load(args.calib)  # (n, seqlen) int64
     model = transformers.AutoModelForCausalLM.from_pretrained(args.fp_dir, dtype=torch.float32)
@@ -60,14 +52,11 @@ def main() -> int:
         w = fake_quantize(module.weight.data.float(), module.weight_scale.float(), module.weight_zero_point,
                           scheme.weights)
         out[name] = w.contiguous()
-    args.out.mkdir(parents=True, exist_ok=True)
-    save_file(out, str(args.out / "weights.safetensors"))
     info = {"tool": "llm-compressor GPTQModifier", "llmcompressor": llmcompressor.__version__,
             "compressed_tensors": compressed_tensors.__version__, "transformers": transformers.__version__,
             "torch": torch.__version__, "weights": weights, "ignore": ["lm_head"], "linears": len(out),
             "calibration": list(ids.shape), "seconds": round(seconds, 1)}
-    (args.out / "peer.json").write_text(json.dumps(info, indent=2) + "\n")
-    print(json.dumps(info))
+    contract.write(args.out, out, info)
     return 0
 
 
