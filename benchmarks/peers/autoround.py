@@ -6,13 +6,13 @@ Run by ``benchmarks/compare.py`` (row ``autoround``) with the peer environment's
     PEER/bin/python benchmarks/peers/autoround.py FP_DIR CALIB.pt OUT_DIR --bits 2 --group-size 64
 
 FP_DIR: a transformers checkpoint (saved by the harness); CALIB.pt: the harness's calibration token ids (n, seqlen).
-The recipe is AutoRound's documented light one (``iters=50``, ``lr=5e-3``; the default is 200 iterations, about
-4x the time: some 1.5 h per SmolLM2 row on one thread here, where the light one took 23-24 min): asymmetric integer zero-points (``sym=False``) at our bits and
-group size, every decoder linear, ``lm_head`` left alone. The tokens are exactly the harness's calibration tokens,
-cut into windows of ``--window`` (default 512, so 32 x 2048 becomes 128 x 512; AutoRound tunes each block on
-mini-batches of 8 windows, and 2048-token windows would cost 4x per step). OUT_DIR gets what ``contract`` says,
-with every quantized linear's weight as AutoRound leaves it in the model after tuning: its own fake-quantized
-``scale·(q − zero_point)``. This file imports only the peer's packages, never neuqi.
+The recipe is AutoRound's documented light one (``iters=50``, ``lr=5e-3``; the default is 200 iterations, about 4x
+the time: some 1.5 h per SmolLM2 row on one thread here, where the light one took 23-24 min): asymmetric integer
+zero-points (``sym=False``) at our bits and group size, every decoder linear, ``lm_head`` left alone. The tokens are
+exactly the harness's calibration tokens, cut into windows of ``--window`` (default 512, so 32 x 2048 becomes 128 x
+512; AutoRound tunes each block on mini-batches of 8 windows, and 2048-token windows would cost 4x per step).
+OUT_DIR gets what ``contract`` says, with every quantized linear's weight as AutoRound leaves it in the model after
+tuning: its own fake-quantized ``scale·(q − zero_point)``. This file imports only the peer's packages, never neuqi.
 """
 
 from __future__ import annotations
