@@ -303,16 +303,9 @@ def plan_row(row: str, setting: str, fp: nn.Module, calib: torch.Tensor, args: a
         save_sensitivity(sens, path)
     weighting = WEIGHTING.get(row, "kl")
     if weighting not in cache["sensitivity"].losses:  # a file from before the end-to-end anchors: add them
-        start = time.perf_counter()
-        sens = cache["sensitivity"]
-        stats = sensitivity.measure_stats(fp, calib[:sens.info["windows"]], args.device)
-        kl_tokens = sensitivity.kl_windows_of(calib, sens.info["windows"], 2)[:, :512]
-        anchors = sensitivity.anchor_kl(fp, stats, kl_tokens, QuantConfig(**common))
-        seconds = round(time.perf_counter() - start, 2)
-        sens.info.update(kl_tokens=list(kl_tokens.shape), anchors=[list(a) for a in sensitivity.ANCHORS],
-                         kl_seconds=seconds, seconds=round(sens.info["seconds"] + seconds, 2))
-        cache["sensitivity"] = sensitivity.Sensitivity(sens.losses, sens.shapes, sens.info, anchors)
-        charged += seconds
+        before = cache["sensitivity"].info["seconds"]
+        cache["sensitivity"] = sensitivity.add_anchors(cache["sensitivity"], fp, calib, QuantConfig(**common))
+        charged += cache["sensitivity"].info["seconds"] - before
         save_sensitivity(cache["sensitivity"], path)
     plan, report = sensitivity.plan_from_sensitivity(cache["sensitivity"], bpw, weighting)
     cache[f"{setting}/plan/{weighting}"] = plan

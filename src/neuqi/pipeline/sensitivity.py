@@ -219,13 +219,13 @@ def anchor_kl(model: nn.Module, stats: dict[str, LinearStats], tokens: torch.Ten
     inputs = _layer_inputs(model, stack, tokens)
     logp_fp = torch.log_softmax(model(input_ids=tokens, use_cache=False).logits.float(), -1)
     index = {id(layer): i for i, layer in enumerate(stack.layers)}
-    layer_of = {name: index[id(model.get_submodule(layer))] for name, (layer, _) in decoder_linears(model).items()}
     result: dict[str, dict[tuple[int, int], float]] = {}
-    for name, (_, linear) in decoder_linears(model).items():
-        i, w0 = layer_of[name], linear.weight.detach().clone()
+    for name, (layer, linear) in decoder_linears(model).items():
+        i, w0 = index[id(model.get_submodule(layer))], linear.weight.detach().clone()
+        allowed = budget.candidates(linear.in_features)
         result[name] = {}
         for bits, group in anchors:
-            if (bits, group) not in budget.candidates(linear.in_features):
+            if (bits, group) not in allowed:
                 continue
             try:
                 linear.weight.copy_(quantize_rows(w0, stats[name], bits, group, config).to(w0.dtype))
@@ -316,16 +316,27 @@ def measure_sensitivity(model: nn.Module, tokens: torch.Tensor, config: QuantCon
     losses = all_candidate_losses(model, stats, config, rows)
     info = {"windows": min(windows, tokens.shape[0]), "seqlen": tokens.shape[1], "rows": rows,
             "stats_seconds": round(t_stats, 2)}
-    anchors = None
-    if kl_windows > 0:
-        t_kl = time.perf_counter()
-        kl_tokens = kl_windows_of(tokens, windows, kl_windows)[:, :kl_seqlen]
-        log.info("sensitivity: end-to-end KL of %s per linear on %s tokens", list(ANCHORS), tuple(kl_tokens.shape))
-        anchors = anchor_kl(model, stats, kl_tokens, config)
-        info.update(kl_tokens=list(kl_tokens.shape), anchors=[list(a) for a in ANCHORS],
-                    kl_seconds=round(time.perf_counter() - t_kl, 2))
     info["seconds"] = round(time.perf_counter() - start, 2)
-    return Sensitivity(losses, {n: (m.out_features, m.in_features) for n, (_, m) in linears.items()}, info, anchors)
+    sens = Sensitivity(losses, {n: (m.out_features, m.in_features) for n, (_, m) in linears.items()}, info)
+    return add_anchors(sens, model, tokens, config, kl_windows, kl_seqlen, stats) if kl_windows > 0 else sens
+
+
+def add_anchors(sens: Sensitivity, model: nn.Module, tokens: torch.Tensor, config: QuantConfig, kl_windows: int = 2,
+                kl_seqlen: int = 512, stats: dict[str, LinearStats] | None = None) -> Sensitivity:
+    """``sens`` with the end-to-end ``ANCHORS`` measured (``anchor_kl``) on the first ``kl_seqlen`` tokens of
+    ``kl_windows`` windows after the ``sens.info["windows"]`` that gave H and F (``kl_windows_of``); ``stats`` are
+    re-measured on those windows when not given. The time is added to ``info["seconds"]``."""
+    start = time.perf_counter()
+    windows = sens.info["windows"]
+    stats = stats if stats is not None else measure_stats(model, tokens[:windows])
+    kl_tokens = kl_windows_of(tokens, windows, kl_windows)[:, :kl_seqlen]
+    log.info("sensitivity: end-to-end KL of %s per linear on %s tokens", list(ANCHORS), tuple(kl_tokens.shape))
+    anchors = anchor_kl(model, stats, kl_tokens, config)
+    seconds = round(time.perf_counter() - start, 2)
+    info = {**sens.info, "kl_tokens": list(kl_tokens.shape), "anchors": [list(a) for a in ANCHORS],
+            "kl_seconds": seconds, "seconds": round(sens.info["seconds"] + seconds, 2)}
+    losses = {w: by for w, by in sens.losses.items() if w != "kl"}
+    return Sensitivity(losses, sens.shapes, info, anchors)
 
 
 def plan_from_sensitivity(sens: Sensitivity, bpw: float, weighting: str = "kl"
