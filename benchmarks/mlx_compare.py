@@ -193,36 +193,38 @@ def mlx_rtn_row(fp_dir: Path, bits: int, args: argparse.Namespace, tmp: Path) ->
     return out
 
 
-def mlx_gptq_row(fp_dir: Path, bits: int, args: argparse.Namespace, tmp: Path, calib: torch.Tensor) -> Path:
-    """mlx-lm's GPTQ at W``bits`` g``group_size`` on ``calib`` (n, seqlen) token ids; the embedding gets its
-    fallback (8-bit, not scored)."""
+def mlx_calibrated_row(method: str, fp_dir: Path, bits: int, args: argparse.Namespace, tmp: Path,
+                       calib: torch.Tensor) -> Path:
+    """mlx-lm's ``method`` at W``bits`` g``group_size`` on ``calib`` (n, seqlen) token ids, saved as an mlx-lm
+    model: "gptq" (the embedding gets its 8-bit fallback, not scored) or "awq" (scale search + clipping,
+    n_grid 20)."""
     import mlx.core as mx
-    from mlx_lm.quant.gptq import gptq_quantize
     from mlx_lm.utils import load as mlx_load
     from mlx_lm.utils import save as mlx_save
 
     model, tokenizer, config = mlx_load(str(fp_dir), lazy=True, return_config=True)
     data = mx.array(calib.numpy().astype("int32"))
-    model, config["quantization"] = gptq_quantize(model, data, bits, args.group_size, 8, args.group_size,
-                                                  batch_size=1)
-    out = tmp / f"mlx-gptq-w{bits}"
+    if method == "gptq":
+        from mlx_lm.quant.gptq import gptq_quantize
+
+        model, config["quantization"] = gptq_quantize(model, data, bits, args.group_size, 8, args.group_size,
+                                                      batch_size=1)
+    elif method == "awq":
+        from mlx_lm.quant.awq import AWQ_MODEL_CONFIGS, awq_quantize, update_config
+
+        awq_quantize(model, data, AWQ_MODEL_CONFIGS[config["model_type"]], group_size=args.group_size, bits=bits,
+                     embed_group_size=args.group_size, embed_bits=8)
+        config = update_config(model, config)
+    else:
+        raise ValueError(f"unknown mlx-lm method {method!r}")
+    out = tmp / f"mlx-{method}-w{bits}"
     mlx_save(str(out), str(fp_dir), model, tokenizer, config)
     return out
 
 
-def mlx_awq_row(fp_dir: Path, bits: int, args: argparse.Namespace, tmp: Path, calib: torch.Tensor) -> Path:
-    """mlx-lm's AWQ (scale search + clipping, n_grid 20) at W``bits`` g``group_size`` on ``calib``."""
-    import mlx.core as mx
-    from mlx_lm.quant.awq import AWQ_MODEL_CONFIGS, awq_quantize, update_config
-    from mlx_lm.utils import load as mlx_load
-    from mlx_lm.utils import save as mlx_save
-
-    model, tokenizer, config = mlx_load(str(fp_dir), lazy=True, return_config=True)
-    awq_quantize(model, mx.array(calib.numpy().astype("int32")), AWQ_MODEL_CONFIGS[config["model_type"]],
-                 group_size=args.group_size, bits=bits, embed_group_size=args.group_size, embed_bits=8)
-    out = tmp / f"mlx-awq-w{bits}"
-    mlx_save(str(out), str(fp_dir), model, tokenizer, update_config(model, config))
-    return out
+def calibration_label(windows: Any, seqlen: Any, source: Any, seed: Any) -> str:
+    """How a row was calibrated, as every row of the table spells it: ``N x L SOURCE (seed S)``."""
+    return f"{windows} x {seqlen} {source} (seed {seed})"
 
 
 def reused_rows(bits: int, group: int) -> list[dict[str, Any]]:
@@ -234,8 +236,8 @@ def reused_rows(bits: int, group: int) -> list[dict[str, Any]]:
             d = json.loads(f.read_text())
             cal = d.get("calibration", {})
             rows.append({"row": label, "bits": bits, "group_size": group, "source": str(f),
-                         "calibration": f"{cal.get('windows')} x {cal.get('seqlen')} {cal.get('source')} "
-                                        f"(seed {cal.get('seed')})" if method == "neuqi" else
+                         "calibration": calibration_label(cal.get("windows"), cal.get("seqlen"), cal.get("source"),
+                                                          cal.get("seed")) if method == "neuqi" else
                                         "NeUQI row's calibration; distilled on 64 x 512 C4",
                          "metrics": d["metrics"], "bits_per_weight": d["bits_per_weight"]})
     return rows
@@ -259,7 +261,7 @@ def ours_calibration(checkpoint: Path) -> str | None:
     if not summary.is_file():
         return None
     cal = json.loads(summary.read_text()).get("calibration", {})
-    return f"{cal.get('windows')} x {cal.get('seqlen')} {cal.get('origin')} (seed {cal.get('seed')})"
+    return calibration_label(cal.get("windows"), cal.get("seqlen"), cal.get("origin"), cal.get("seed"))
 
 
 def make_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -294,8 +296,8 @@ def make_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
                 elif what == "rtn":
                     mlx_dir, calibration = mlx_rtn_row(fp_dir, bits, args, tmp), None
                 else:
-                    mlx_dir = {"gptq": mlx_gptq_row, "awq": mlx_awq_row}[what](fp_dir, bits, args, tmp, calib)
-                    calibration = f"{args.nsamples} x {args.seqlen} C4 (seed {args.seed})"
+                    mlx_dir = mlx_calibrated_row(what, fp_dir, bits, args, tmp, calib)
+                    calibration = calibration_label(args.nsamples, args.seqlen, "C4", args.seed)
                 made_s = time.perf_counter() - t0
                 if linear_formats(mlx_dir) != {(bits, args.group_size)}:
                     raise ValueError(f"{label}: {mlx_dir} holds {linear_formats(mlx_dir)}, not W{bits} "

@@ -141,9 +141,14 @@ def depth(args: argparse.Namespace) -> None:
         print(row, flush=True)
         shutil.rmtree(ckpt)
     save("depth_rtn" if args.rtn else "depth", {
-                   "method": method, "calibration": f"{args.nsamples} x {args.seqlen} random ids",
+                   "method": method, "calibration": random_calibration(args),
                    "shape": "hidden 1024, intermediate 2816, 16 heads, 4 kv heads, vocab 32000, bf16",
                    "machine": machine(), "rows": rows})
+
+
+def random_calibration(args: argparse.Namespace) -> str:
+    """The calibration these synthetic runs use, as the result JSONs spell it."""
+    return f"{args.nsamples} x {args.seqlen} random ids"
 
 
 def layer8b(args: argparse.Namespace) -> None:
@@ -161,7 +166,7 @@ def layer8b(args: argparse.Namespace) -> None:
     per_token = (layer_s - fixed) / (args.nsamples * args.seqlen)
     save(f"layer8b_{args.device.split(':')[0]}", {
                      "method": "NeUQI + LDLQ W3 g128", "shape": "Llama-3-8B layer (4096, 14336, 32/8 heads), bf16",
-                     "calibration": f"{args.nsamples} x {args.seqlen} random ids", "layer_s": layer_s,
+                     "calibration": random_calibration(args), "layer_s": layer_s,
                      "linears_s": fixed, "forward_hessian_s_per_1k_tokens": round(1000 * per_token, 2),
                      "peak_rss_gib": row["peak_rss_gib"],
                      "extrapolated_32_layers_h": {
@@ -184,7 +189,7 @@ def big(args: argparse.Namespace) -> None:
     row.update(layers=args.layers, checkpoint_gb=round(gb, 2), make_checkpoint_s=round(make_s, 1),
                per_layer_s=round(sum(row["layers_s"]) / args.layers, 1))
     save(f"big_{args.layers}_layers", {"method": "GPTQ + Min-Max W4 g128", "calibration":
-                                       f"{args.nsamples} x {args.seqlen} random ids", "shape": "Llama-2-13B, bf16",
+                                       random_calibration(args), "shape": "Llama-2-13B, bf16",
                                        "machine": machine(), **row})
     print(row)
 
