@@ -6,9 +6,11 @@ Settings: W4 g64, W3 g64, W2 g64, W3 channel-wise, W2 channel-wise, and mixed pr
 weight (``bpw2.5``, ``bpw3.5``: ``QuantConfig.bpw``; the sensitivities are measured once and kept in
 ``sensitivity-<model>.json``; NeUQI rows plan on the Fisher losses calibrated by end-to-end KL anchors,
 ``neuqi_fisher`` on the Fisher losses alone, ``neuqi_layer`` on raw layer losses).
-``gptq_dynamic`` is GPTQ with Min-Max fitted when LDLQ reaches each group. Every quantized row uses the same calibration
-windows (C4 train from ../shared/data, seed 0) and is evaluated on WikiText-2 and C4 perplexity (GPTQ convention,
-the first ``--windows`` windows of 2048) and, with ``--zero-shot``, on the five lm-eval tasks.
+``gptq_dynamic`` is GPTQ with Min-Max fitted when LDLQ reaches each group; ``neuqi_fp`` fits every linear to the FP
+model's output (``QuantConfig.target="fp"``); ``distill`` and ``distill_kl`` distil the NeUQI row. Every quantized
+row uses the same calibration windows (C4 train from ../shared/data, seed 0) and is evaluated on WikiText-2 and C4
+perplexity (GPTQ convention, the first ``--windows`` windows of 2048) and, with ``--zero-shot``, on the five lm-eval
+tasks.
 
 One result JSON per row goes to ``--out`` (schema: ``neuqi.report``); at the end ``neuqi report`` renders them to
 ``compare.md`` and ``compare.png`` there. Rows whose JSON exists are skipped (``--redo`` to recompute).
@@ -43,22 +45,29 @@ SETTINGS = {"w4g64": (4, 64), "w3g64": (3, 64), "w2g64": (2, 64), "w3c": (3, -1)
 # "bpwB" settings: mixed precision at B average bits per weight (QuantConfig.bpw); the quantized rows then use the
 # plan chosen with the KL-calibrated losses, "neuqi_fisher" with the Fisher losses alone, "neuqi_layer" with raw
 # layer losses.
-# row -> (solver, initializer, initializer options); "fp", "hqq" and "distill" are handled apart.
+# row -> (solver, initializer, initializer options); "fp", "hqq" and the distill rows are handled apart.
 # NeUQI_int searches NeUQI's 96 coarse-to-fine candidate scales instead of the paper's 2048: within 0.3 % of the full
 # grid's loss on SmolLM2 and 10-14x cheaper (benchmarks/int_search.py), so the whole table fits on a CPU (see README).
 QUANT_ROWS = {"rtn": ("rtn", "minmax", {}), "gptq": ("ldlq", "minmax", {}),
               "gptq_dynamic": ("ldlq", "minmax", {}),
               "neuqi_int": ("ldlq", "neuqi_int", {"search": "coarse_to_fine"}), "neuqi": ("ldlq", "neuqi", {}),
-              "neuqi_fisher": ("ldlq", "neuqi", {}), "neuqi_layer": ("ldlq", "neuqi", {})}
+              "neuqi_fisher": ("ldlq", "neuqi", {}), "neuqi_layer": ("ldlq", "neuqi", {}),
+              "neuqi_fp": ("ldlq", "neuqi", {})}
 PARAM_FIT = {"gptq_dynamic": "dynamic"}  # rows whose (s, Z) are fitted when LDLQ reaches the group
+TARGET = {"neuqi_fp": "fp"}  # rows fitted to the FP model's output (QuantConfig.target; default "quantized")
 WEIGHTING = {"neuqi_fisher": "fisher", "neuqi_layer": "layer"}  # mixed-precision rows' weighting (default: "kl")
 PEER_ROWS = {"llmc_gptq": "peers/llmcompressor_gptq.py",  # run in the peer's own venv (--peer-python)
              "autoround": "peers/autoround.py"}
-ROWS = ("fp", *QUANT_ROWS, "distill", "hqq", *PEER_ROWS)
+# distill row -> (the quantized row it starts from, DistillConfig settings); the student is that row's model of the
+# same setting in the same run. "distill": the reference's loss (MSE on the final hidden states), scales and
+# zero-points; "distill_kl": the KL of the logits, scales, zero-points and norm weights.
+DISTILL_ROWS = {"distill": ("neuqi", {"loss": "mse"}), "distill_kl": ("neuqi", {"loss": "kl", "train_norms": True})}
+ROWS = ("fp", *QUANT_ROWS, *DISTILL_ROWS, "hqq", *PEER_ROWS)
 LABELS = {"fp": "FP", "rtn": "RTN", "gptq": "GPTQ (Min-Max + LDLQ)", "gptq_dynamic": "GPTQ, dynamic Min-Max",
           "neuqi_int": "NeUQI_int + LDLQ", "neuqi": "NeUQI + LDLQ", "neuqi_fisher": "NeUQI + LDLQ, Fisher-only plan",
-          "neuqi_layer": "NeUQI + LDLQ, raw-loss plan",
-          "distill": "NeUQI + LDLQ + distill", "hqq": "HQQ", "llmc_gptq": "llm-compressor GPTQ (int zero-point)",
+          "neuqi_layer": "NeUQI + LDLQ, raw-loss plan", "neuqi_fp": "NeUQI + LDLQ, FP target",
+          "distill": "NeUQI + LDLQ + distill", "distill_kl": "NeUQI + LDLQ + distill (KL, norms)", "hqq": "HQQ",
+          "llmc_gptq": "llm-compressor GPTQ (int zero-point)",
           "autoround": "AutoRound, light recipe (int zero-point)"}
 
 
@@ -76,7 +85,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--limit", type=int, default=None, help="lm-eval examples per task")
     p.add_argument("--distill-samples", type=int, default=64, help="distillation windows")
     p.add_argument("--distill-seqlen", type=int, default=512, help="distillation window length")
-    p.add_argument("--distill-loss", default="mse", choices=("mse", "kl"))
     p.add_argument("--dtype", default="bfloat16", help="forward dtype for calibration and evaluation")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
     p.add_argument("--out", default="benchmarks/results/compare", help="directory for the result JSON files")
@@ -167,25 +175,25 @@ def run_row(row: str, setting: str, fp: nn.Module, tokenizer, calib: torch.Tenso
             raise RuntimeError(f"the {row} row has no mixed-precision (bpw) setting")
         model, extra = peer_row(row, bits, group_size, fp, tokenizer, calib, args)
         fields.update(extra)
-    elif row == "distill":
+    elif row in DISTILL_ROWS:
         from neuqi.distill import DistillConfig, distill
 
-        model = cache.get(f"{setting}/neuqi")
+        start, settings = DISTILL_ROWS[row]
+        model = cache.get(f"{setting}/{start}")
         if model is None:
-            raise RuntimeError("the distill row needs the neuqi row of the same setting in this run")
+            raise RuntimeError(f"the {row} row needs the {start} row of the same setting in this run")
         model = copy.deepcopy(model)
         tokens = distill_windows(tokenizer, calib, args)
-        config = DistillConfig(loss=args.distill_loss, nsamples=tokens.shape[0], seqlen=tokens.shape[1],
-                               seed=args.seed)
+        config = DistillConfig(nsamples=tokens.shape[0], seqlen=tokens.shape[1], seed=args.seed, **settings)
         history = distill(model, fp, tokens, config, device=args.device)
         fields.update(init="neuqi", solver="ldlq", quant_seconds=round(history.total_seconds, 1),
-                      distill={"loss": args.distill_loss, "windows": tokens.shape[0], "seqlen": tokens.shape[1],
+                      distill={**settings, "windows": tokens.shape[0], "seqlen": tokens.shape[1],
                                "first_loss": history.loss[0], "last_loss": history.loss[-1]})
     else:
         model, extra = quantize_row(row, setting, fp, calib, args, cache)
         fields.update(extra)
-        if row == "neuqi" and "distill" in args.methods.split(","):
-            cache[f"{setting}/neuqi"] = model
+        if students_of(row, args.methods.split(",")):
+            cache[f"{setting}/{row}"] = model
     if group_size is None:  # mixed precision: the planned formats, counted exactly
         plan = cache[f"{setting}/plan/{WEIGHTING.get(row, 'kl')}"]
         fields["bits_per_weight"] = round(planned_bits_per_weight(fp, plan), 4)
@@ -195,6 +203,11 @@ def run_row(row: str, setting: str, fp: nn.Module, tokenizer, calib: torch.Tenso
         fields["packed_linears"] = sum(1 for _ in quantized_linears(model))
     fields["metrics"], fields["eval_seconds"] = _timed_eval(model, tokenizer, args)
     return fields
+
+
+def students_of(row: str, rows: list[str]) -> list[str]:
+    """The distill rows among ``rows`` that start from ``row``'s model."""
+    return [d for d in rows if d in DISTILL_ROWS and DISTILL_ROWS[d][0] == row]
 
 
 def peer_row(row: str, bits: int, group_size: int, fp: nn.Module, tokenizer, calib: torch.Tensor,
@@ -263,9 +276,10 @@ def quantize_row(row: str, setting: str, fp: nn.Module, calib: torch.Tensor, arg
     setting the plan comes from the sensitivities, measured once per run (cached) and saved beside the rows."""
     bits, group_size = SETTINGS[setting]
     solver, init, options = QUANT_ROWS[row]
-    common = dict(solver=solver, init=init, init_options=options, param_fit=PARAM_FIT.get(row, "static"))
+    common = dict(solver=solver, init=init, init_options=options, param_fit=PARAM_FIT.get(row, "static"),
+                  target=TARGET.get(row, "quantized"))
     fields: dict[str, Any] = {"init": init, "init_options": options, "solver": solver,
-                              "param_fit": common["param_fit"]}
+                              "param_fit": common["param_fit"], "target": common["target"]}
     plan_seconds = 0.0
     if group_size is None:
         config, report = plan_row(row, setting, fp, calib, args, cache, common)
@@ -443,13 +457,13 @@ def main(argv: list[str] | None = None) -> int:
     plan = [("fp", "fp")] if "fp" in rows else []
     for setting in args.settings.split(","):
         bits = SETTINGS[setting][0]
-        plan += [(r, setting) for r in rows if r != "fp" and not (r == "distill" and bits >= 4)
+        plan += [(r, setting) for r in rows if r != "fp" and not (r in DISTILL_ROWS and bits >= 4)
                  and not (r == "hqq" and SETTINGS[setting][1] is None)]
-    cache: dict[str, nn.Module] = {}  # setting/neuqi -> packed NeUQI model, the distill row's student
+    cache: dict[str, nn.Module] = {}  # setting/row -> packed model of a row a distill row starts from
     for i, (row, setting) in enumerate(plan, 1):
         path = out / f"{Path(model_name).name}-{setting}-{row}.json"
-        needed_by_distill = row == "neuqi" and "distill" in rows and SETTINGS[setting][0] < 4 and not (
-            out / f"{Path(model_name).name}-{setting}-distill.json").exists()
+        needed_by_distill = SETTINGS[setting][0] < 4 and any(
+            not (out / f"{Path(model_name).name}-{setting}-{d}.json").exists() for d in students_of(row, rows))
         if path.exists() and not args.redo and not needed_by_distill:
             log.info("[%d/%d] %s %s: kept %s", i, len(plan), setting, row, path)
             continue

@@ -20,8 +20,9 @@ from neuqi.quant.grid import QParams
 
 
 def cfg(**kwargs) -> DistillConfig:
-    """A config computing in fp32 (exact comparisons; bf16 autocast has its own test)."""
-    return DistillConfig(**{"compute_dtype": "float32", **kwargs})
+    """A config computing in fp32 (exact comparisons; bf16 autocast has its own test) with the reference's loss
+    and scales and zero-points only, unless asked otherwise."""
+    return DistillConfig(**{"compute_dtype": "float32", "loss": "mse", "train_norms": False, **kwargs})
 
 
 def tiny_llama(vocab: int = 256, seed: int = 0) -> nn.Module:
@@ -78,7 +79,7 @@ def test_config_validates_and_round_trips() -> None:
     assert DistillConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     for bad in ({"loss": "ce"}, {"lr": 0.0}, {"betas": (0.9, 1.0)}, {"warmup_ratio": 1.0}, {"epochs": 0},
                 {"compute_dtype": "float16"}, {"max_grad_norm": 0.0}, {"seqlen": 1},
-                {"train_scales": False, "train_zeros": False}):
+                {"train_scales": False, "train_zeros": False, "train_norms": False}):
         with pytest.raises(ConfigError):
             DistillConfig(**bad)
 
@@ -336,8 +337,9 @@ def test_cli_end_to_end(pair, tmp_path) -> None:
     assert len(history["loss"]) == 3 and (out / "distill_loss.png").stat().st_size > 0
     from neuqi.formats.checkpoint import read_quantization_config
 
-    assert read_quantization_config(out)["distillation"]["loss"] == "mse"
+    assert read_quantization_config(out)["distillation"]["loss"] == "kl"  # the default
     distilled = load(out)
     changed = [not torch.equal(a.scales, b.scales)
                for (_, a), (_, b) in zip(quantized_linears(distilled), quantized_linears(packed))]
     assert any(changed)
+    assert not torch.equal(distilled.model.norm.weight.float(), packed.model.norm.weight.float())  # norms train

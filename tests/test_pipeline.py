@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -33,6 +34,7 @@ def tokens(n=6, seqlen=16):
         ({"method": "awq"}, "unknown method"),
         ({"init": "hqq"}, "unknown init"),
         ({"param_fit": "lazy"}, "param_fit"),
+        ({"target": "teacher"}, "target"),
         ({"group_size": 0}, "group_size"),
         ({"damping": -1.0}, "damping"),
         ({"batch_size": 0}, "batch_size"),
@@ -80,11 +82,32 @@ def test_hessian_equals_direct_computation():
         handle.remove()
         with torch.no_grad():
             trace = adapters.trace_layer(layer, lambda: walker._call(layer, hiddens[0], calls[0]))
-            h, n = walker._hessian(layer, linear, hiddens, calls[0], walker.Replay(layer, trace))
+            h, n, cross = walker._hessian(layer, linear, hiddens, calls[0], walker.Replay(layer, trace))
         x = torch.cat([t.reshape(-1, linear.in_features) for t in seen]).double()
-        assert n == ids.numel() and h.dtype == torch.float64
+        assert n == ids.numel() and h.dtype == torch.float64 and cross is None
         ref = x.T @ x / n  # each batch product is fp32, so allow fp32 rounding
         torch.testing.assert_close(h, ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max()))
+        # with an FP pair (here: a perturbed copy of the layer on shifted states) C = X̃ᵀX / n
+        other = copy.deepcopy(layer)
+        with torch.no_grad():
+            for param in other.parameters():
+                param.add_(0.05 * torch.randn_like(param))
+        other_linear = other.get_submodule(next(n for n, m in layer.named_modules() if m is linear))
+        shifted = [t + 0.1 for t in hiddens]
+        seen_fp: list[torch.Tensor] = []
+        handle = other_linear.register_forward_pre_hook(lambda m, a: seen_fp.append(a[0]))  # noqa: B023
+        with torch.no_grad():
+            for hidden in shifted:
+                walker._call(other, hidden, calls[0])
+        handle.remove()
+        with torch.no_grad():
+            trace = adapters.trace_layer(layer, lambda: walker._call(layer, hiddens[0], calls[0]))
+            h2, _, cross = walker._hessian(layer, linear, hiddens, calls[0], walker.Replay(layer, trace),
+                                           fp=(other, other_linear, shifted))
+        x_fp = torch.cat([t.reshape(-1, linear.in_features) for t in seen_fp]).double()
+        assert torch.equal(h2, h)
+        ref = x_fp.T @ x / n
+        torch.testing.assert_close(cross, ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max()))
 
 
 def test_gram_of_bf16_activations_is_accurate_to_fp32():
@@ -152,6 +175,40 @@ def test_replaying_final_parts_changes_nothing(monkeypatch):
     # down_proj(input recorded in the down pass).
     assert n_without == {"attention": 2 * (3 * 5 + 1), "mlp": 2 * (3 * 3 + 1)}
     assert n_with == {"attention": 2 * (3 * 2 + 1), "mlp": 2 * (3 * 2 + 1)}
+
+
+def test_fp_target_fits_the_fp_output():
+    """target="fp": replay changes nothing; the first group of the first layer sees the FP input (C = H), so it is
+    quantized as with the quantized target, and later ones differ; the model's output is closer to the FP
+    model's on the calibration tokens."""
+    fp = tiny_llama()
+    ids = tokens()
+    results = {}
+    for target, replay in (("quantized", True), ("fp", True), ("fp", False)):
+        model = copy.deepcopy(fp)
+        config = QuantConfig(bits=2, group_size=16, init="neuqi", batch_size=2, target=target)
+        summary = quantize_model(model, ids, config, progress=False, replay_activations=replay)
+        results[target, replay] = model, summary.qparams
+    (fp_model, fp_qp), (again, _) = results["fp", True], results["fp", False]
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in fp_model.state_dict().items())
+    quant_model, quant_qp = results["quantized", True]
+    for name in ("q_proj", "k_proj", "v_proj"):
+        a, b = quant_qp[f"model.layers.0.self_attn.{name}"], fp_qp[f"model.layers.0.self_attn.{name}"]
+        assert torch.equal(a.scale, b.scale) and torch.equal(a.zero_point, b.zero_point)
+    assert not torch.equal(quant_qp["model.layers.1.mlp.down_proj"].scale, fp_qp["model.layers.1.mlp.down_proj"].scale)
+    with torch.no_grad():
+        ref = fp(input_ids=ids).logits.log_softmax(-1)
+        kl = {t: float((ref.exp() * (ref - m(input_ids=ids).logits.log_softmax(-1))).sum(-1).mean())
+              for t, m in (("quantized", quant_model), ("fp", fp_model))}
+    assert kl["fp"] < kl["quantized"]
+
+
+def test_fp_target_is_refused_when_streaming(tmp_path):
+    from neuqi.pipeline.stream import quantize_checkpoint
+
+    with pytest.raises(ConfigError, match="target='fp'"):
+        quantize_checkpoint(tmp_path / "no-model", tokens(), QuantConfig(target="fp"), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_trace_finds_the_tail_linears():
@@ -267,6 +324,7 @@ def test_cli_end_to_end(tiny_dir, tmp_path, capsys):
         (["--calib", "/no/such/file"], "calib"),
         (["--nsamples", "0"], "nsamples"),
         (["--dtype", "fp8"], "dtype"),
+        (["--target", "fp", "--stream"], "--target fp keeps the FP model's activations"),
     ],
 )
 def test_cli_bad_options_fail_before_loading(tmp_path, capsys, extra, match):

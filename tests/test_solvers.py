@@ -239,3 +239,24 @@ def test_dynamic_fit_equals_the_textbook_gptq(act_order):
             assert torch.equal(res.codes, codes), (solve.__name__, block_size, (res.codes != codes).sum())
             assert torch.equal(res.weight, w_hat)
             assert torch.equal(res.scale, scale) and torch.equal(res.zero_point, zero)
+
+
+def test_fp_target_is_the_least_squares_target():
+    """W* = argmin_Ŵ E‖Ŵx − Wx̃‖², and that error is tr((Ŵ − W*)H(Ŵ − W*)ᵀ) + const for every Ŵ; x̃ = x gives W."""
+    g = torch.Generator().manual_seed(0)
+    x_fp = torch.randn(512, 24, generator=g, dtype=torch.float64) @ torch.randn(24, 24, generator=g,
+                                                                              dtype=torch.float64)
+    x = x_fp + 0.3 * torch.randn(512, 24, generator=g, dtype=torch.float64)  # the quantized model's input
+    w = torch.randn(8, 24, generator=g)
+    h, c = x.T @ x / 512, x_fp.T @ x / 512
+    target = solvers.fp_target(w, h, c, damp=0.0)
+    ref = torch.linalg.lstsq(x, x_fp @ w.double().T).solution.T
+    torch.testing.assert_close(target.double(), ref, rtol=1e-4, atol=1e-4)
+
+    def fp_error(w_hat: torch.Tensor) -> float:
+        return float(((x @ w_hat.double().T - x_fp @ w.double().T) ** 2).sum(1).mean())
+
+    a, b = torch.randn(8, 24, generator=g), torch.randn(8, 24, generator=g)
+    proxy_gap = solvers.proxy_loss(a, target, h) - solvers.proxy_loss(b, target, h)
+    assert fp_error(a) - fp_error(b) == pytest.approx(proxy_gap, rel=1e-4)
+    assert torch.equal(solvers.fp_target(w, h, h, damp=0.01), w)

@@ -170,6 +170,9 @@ def run(args: argparse.Namespace) -> int:
         if s.config.bpw is not None:
             raise ConfigError("--bpw plans over the whole model in memory; it does not combine with --stream, "
                               "--resume or torchrun")
+        if s.config.target == "fp":
+            raise ConfigError("--target fp keeps the FP model's activations beside the quantized ones; it does not "
+                              "combine with --stream, --resume or torchrun")
         from .quantize_stream import run_stream
 
         return run_stream(args, s, stream)

@@ -19,6 +19,7 @@ from ..quant.grid import check_positive_int
 PARAM_FITS = ("static", "dynamic")
 BPW_WEIGHTINGS = ("kl", "fisher", "layer")  # how --bpw compares linears (neuqi.pipeline.sensitivity)
 SOLVERS = ("rtn", "gptq", "ldlq")
+TARGETS = ("quantized", "fp")
 INITS = ("minmax", "neuqi_int", "neuqi")
 CONFIG_VERSION = 1
 
@@ -42,6 +43,12 @@ class QuantConfig:
         metadata={"help": "static: fit (s, Z) on the original W (paper); dynamic: on the error-updated W when the "
                   "solver reaches the group", "choices": PARAM_FITS},
     )
+    target: str = field(
+        default="quantized",
+        metadata={"help": "the output each linear is fitted to, from the quantized model's input x: quantized: its "
+                  "own W·x (GPTQ, the paper); fp: the FP model's W·x̃, so the error of the layers before is "
+                  "corrected too (asymmetric calibration; one FP forward more per layer, FP activations kept)",
+                  "choices": TARGETS})
     batch_size: int = field(default=4, metadata={"help": "calibration windows per layer forward"})
     init_options: dict[str, Any] = field(default_factory=dict, metadata={"help": "extra initializer options"})
     bpw: float | None = field(
@@ -70,6 +77,8 @@ class QuantConfig:
         solvers.get_solver(self.solver)
         if self.init not in _init_methods():
             raise ConfigError(f"unknown init {self.init!r}; choose one of {_init_methods()}")
+        if self.target not in TARGETS:
+            raise ConfigError(f"unknown target {self.target!r}; choose one of {list(TARGETS)}")
         if self.param_fit not in PARAM_FITS:
             raise ConfigError(f"unknown param_fit {self.param_fit!r}; choose one of {list(PARAM_FITS)}")
         if not (isinstance(self.damping, (int, float)) and math.isfinite(self.damping) and self.damping >= 0):

@@ -297,6 +297,9 @@ def quantize_checkpoint(
     from .models import parse_dtype
 
     stream = stream or StreamConfig(stream=True)
+    if config.target == "fp":
+        raise ConfigError("target='fp' is not supported when streaming (the FP activations would need a second "
+                          "store); use quantize_model")
     walker._check_tokens(calibration_tokens)
     path, out = Path(path), Path(out)
     check_output_dir(out, overwrite)

@@ -12,11 +12,17 @@ then for each group in execution order ("seq" mode: later groups see the already
      to fp16 storage, run the solver (``neuqi.solvers``) and write Ŵ back in the model dtype;
 3. rerun the quantized layer on all windows: its outputs are the next layer's inputs.
 
+With ``target="fp"`` an FP copy of each layer runs beside it on the FP model's hidden states. The pass that
+accumulates H also runs the copy to the same linear and accumulates C = X̃ᵀX / n_tokens (X̃ the FP input), and
+each linear is solved on the target W* = W·C·H⁻¹ (``solvers.fp_target``): it reproduces the FP model's output,
+not its own.
+
 The forward passes run in the model's dtype; quantization math in fp32 on an fp32 copy of each weight.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import resource
 import time
@@ -99,17 +105,22 @@ def _hessian(
     call: adapters.LayerCall,
     replay: Replay,
     dist: Collective | None = None,
-) -> tuple[torch.Tensor, int]:
-    """(H = XᵀX / n_tokens (in, in) fp64, n_tokens) of the input X of ``linear`` over all batches.
+    fp: tuple[nn.Module, nn.Linear, Sequence[torch.Tensor]] | None = None,
+) -> tuple[torch.Tensor, int, torch.Tensor | None]:
+    """(H = XᵀX / n_tokens (in, in) fp64, n_tokens, C) of the input X of ``linear`` over all batches.
 
     H sums the per-batch fp32 Gram matrices in fp64 in batch order. With ``dist`` (rank r holds the global
     batches r, r + W, ...), step t gathers the W Gram matrices of batches tW..tW+W−1 and every rank adds them in
-    rank order: the same additions in the same order as one process, so H is bit-identical."""
+    rank order: the same additions in the same order as one process, so H is bit-identical.
+    ``fp`` = (FP layer, its copy of ``linear``, FP hidden states): C = X̃ᵀX / n_tokens (in, in) fp64 with X̃ the
+    copy's input for the same tokens (the FP layer runs on the FP hidden states); else C is None."""
     acc = torch.zeros(
         linear.in_features, linear.in_features, dtype=torch.float64, device=linear.weight.device
     )
+    cross = None if fp is None else torch.zeros_like(acc)
     count = [0]
     grams: list[torch.Tensor] = []
+    seen: dict[str, torch.Tensor] = {}
 
     def pre(_module: nn.Module, args: tuple) -> None:
         x = args[0].reshape(-1, linear.in_features)  # (tokens, in)
@@ -118,27 +129,45 @@ def _hessian(
         else:
             grams.append(gram(x))
         count[0] += x.shape[0]
+        if fp is not None:
+            seen["x"] = x
         raise _GroupInputSeen
 
-    handle = linear.register_forward_pre_hook(pre)
+    def pre_fp(_module: nn.Module, args: tuple) -> None:
+        x_fp = args[0].reshape(-1, linear.in_features).float()
+        cross.add_(x_fp.T @ seen.pop("x").float())  # X̃ᵀX, fp32 product, fp64 sum
+        raise _GroupInputSeen
+
+    handles = [linear.register_forward_pre_hook(pre)]
+    if fp is not None:
+        handles.append(fp[1].register_forward_pre_hook(pre_fp))
     bf16 = bool(hiddens) and bf16_gram_applies(hiddens[0].dtype, hiddens[0].device)
     try:
         with bf16_gram_precision(bf16):  # the layer's bf16 forward is unaffected; the products are exact (gram)
             for j in range(len(hiddens) if dist is None else dist.steps(len(hiddens))):
                 if j < len(hiddens):
                     replay.set_batch(j)
-                    try:
-                        _call(layer, hiddens[j], call)
-                    except _GroupInputSeen:
-                        pass
-                    else:
-                        raise ModelError(f"{type(linear).__name__} was not called by its layer's forward")
+                    _run_to(linear, layer, hiddens[j], call)
+                    if fp is not None:
+                        _run_to(fp[1], fp[0], fp[2][j], call)
                 if dist is not None:
                     dist.add_in_order(acc, grams.pop() if grams else None)
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     n_tokens = count[0] if dist is None else dist.sum_int(count[0])
-    return acc.div_(n_tokens), n_tokens  # in place: a wide fp64 H is large
+    if cross is not None:
+        cross.div_(n_tokens)
+    return acc.div_(n_tokens), n_tokens, cross  # in place: a wide fp64 H is large
+
+
+def _run_to(linear: nn.Linear, layer: nn.Module, hidden: torch.Tensor, call: adapters.LayerCall) -> None:
+    """Run ``layer`` on ``hidden`` until ``linear``'s pre-hook raises ``_GroupInputSeen``."""
+    try:
+        _call(layer, hidden, call)
+    except _GroupInputSeen:
+        return
+    raise ModelError(f"{type(linear).__name__} was not called by its layer's forward")
 
 
 def gram(x: torch.Tensor) -> torch.Tensor:
@@ -161,10 +190,11 @@ def _peak_memory(device: torch.device) -> dict[str, float]:
 
 def _quantize_linear(
     name: str, linear: nn.Linear, hessian: torch.Tensor | None, config: QuantConfig, init_fn: InitFn,
-    dist: Collective | None = None,
+    dist: Collective | None = None, cross: torch.Tensor | None = None,
 ) -> tuple[LinearRecord, QParams]:
     """Fit parameters, solve, write Ŵ back into ``linear``; returns (record, QParams). ``hessian`` None: RTN with
-    an unweighted initializer (no calibration), whose records carry no losses.
+    an unweighted initializer (no calibration), whose records carry no losses. ``cross`` C = X̃ᵀX / n: fit and
+    solve on the FP target W* (``solvers.fp_target``) instead of W.
 
     With ``dist`` each rank fits and solves its block of output rows (both are row-independent given H; the
     act-order permutation comes from diag(H), shared) and Ŵ, s, Z are gathered; the losses are the rank-order
@@ -172,6 +202,8 @@ def _quantize_linear(
     start = time.perf_counter()
     n_out = linear.weight.shape[0]
     weight = linear.weight.detach()[slice(None) if dist is None else dist.rows(n_out)].float()  # (out, in) fp32
+    if cross is not None:
+        weight = solvers.fp_target(weight, hessian, cross, config.damping)
     bits, group_size = config.linear_format(name)  # the plan's choice under --bpw, else the config's
     g = grid.resolve_group_size(weight.shape[1], group_size)
     # (in,) spec §3: diag of the damped H
@@ -225,16 +257,20 @@ def _quantize_layer(
     replay_activations: bool = True,
     dist: Collective | None = None,
     sink: Sink | None = None,
+    fp: tuple[nn.Module, Sequence[torch.Tensor]] | None = None,
 ) -> list[torch.Tensor]:
     """Quantize one layer group by group (appending to ``records`` and ``qparams``); returns its outputs (or
-    hands output j to ``sink(j, output)`` and returns [])."""
+    hands output j to ``sink(j, output)`` and returns []). ``fp`` = (the layer's FP copy, the FP hidden states):
+    every linear is fitted to the FP output (``target="fp"``)."""
     trace = adapters.trace_layer(layer, lambda: _call(layer, hiddens[0][:1], call))
     replay = Replay(layer, trace, replay_activations)
     try:
         for group in trace.groups:
-            hessian, n_tokens = _hessian(layer, modules[group[0]], hiddens, call, replay, dist)
+            fp_pair = None if fp is None else (fp[0], fp[0].get_submodule(group[0]), fp[1])
+            hessian, n_tokens, cross = _hessian(layer, modules[group[0]], hiddens, call, replay, dist, fp_pair)
             for name in group:
-                record, qp = _quantize_linear(f"{prefix}.{name}", modules[name], hessian, config, init_fn, dist)
+                record, qp = _quantize_linear(f"{prefix}.{name}", modules[name], hessian, config, init_fn, dist,
+                                              cross)
                 record.tokens = n_tokens
                 records.append(record)
                 qparams[record.name] = qp
@@ -265,10 +301,12 @@ def quantize_layer(
     replay_activations: bool = True,
     dist: Collective | None = None,
     sink: Sink | None = None,
+    fp: tuple[nn.Module, Sequence[torch.Tensor]] | None = None,
 ) -> tuple[list[LinearRecord], dict[str, QParams], list[torch.Tensor] | None]:
     """Quantize the linears of one decoder layer (already on the compute device) in place: (records, {qualified
     name: QParams}, the layer's outputs for the next layer). ``hiddens`` None: RTN without calibration (outputs
-    None). ``prefix``: the layer's qualified name, e.g. ``model.layers.3``."""
+    None). ``prefix``: the layer's qualified name, e.g. ``model.layers.3``. ``fp`` = (an FP copy of the layer,
+    the FP model's hidden states entering it): fit every linear to the FP output (``target="fp"``)."""
     records: list[LinearRecord] = []
     qparams: dict[str, QParams] = {}
     modules = _linears(layer)
@@ -279,7 +317,7 @@ def quantize_layer(
             qparams[record.name] = qp
         return records, qparams, None
     outputs = _quantize_layer(layer, prefix, modules, hiddens, call, config, init_fn, records, qparams,
-                              replay_activations, dist, sink)
+                              replay_activations, dist, sink, fp)
     return records, qparams, outputs
 
 
@@ -346,11 +384,17 @@ def quantize_model(
 
     records: list[LinearRecord] = []
     qparams: dict[str, QParams] = {}
+    fp_hiddens = list(hiddens) if hiddens is not None and config.target == "fp" else None  # FP model's states
     for i in tqdm(range(len(stack.layers)), desc="quantize", unit="layer", disable=not progress):
         t_layer = time.perf_counter()
         layer = stack.layers[i].to(device)
+        fp_layer = copy.deepcopy(layer) if fp_hiddens is not None else None
         layer_records, layer_qparams, outputs = quantize_layer(
-            layer, stack.layer_name(i), hiddens, calls[i] if calls else None, config, init_fn, replay_activations)
+            layer, stack.layer_name(i), hiddens, calls[i] if calls else None, config, init_fn, replay_activations,
+            fp=None if fp_layer is None else (fp_layer, fp_hiddens))
+        if fp_layer is not None:
+            fp_hiddens = [adapters.layer_output(_call(fp_layer, h, calls[i])) for h in fp_hiddens]
+            del fp_layer
         records += layer_records
         qparams.update(layer_qparams)
         hiddens = outputs

@@ -23,6 +23,9 @@ per-group parameters ``scale``, ``zero_point`` (out, n_groups), already rounded 
   already quantized (W̃_R = W_R + Δ_F·H_FR·H_RR⁻¹). GPTQ and LDLQ then agree in this mode too.
 * ``loss`` = tr((Ŵ − W)·H·(Ŵ − W)ᵀ) with the undamped H and the original W: the mean squared output error per
   token.
+* **FP target** (``fp_target``, asymmetric calibration as in GPTAQ): to fit the FP model's output W·x̃ from the
+  quantized model's input x, the solvers run on the target W* = W·C·H⁻¹ (C = E[x̃ xᵀ]) instead of W: for any Ŵ,
+  E‖Ŵx − Wx̃‖² = tr((Ŵ − W*)·H·(Ŵ − W*)ᵀ) + const.
 """
 
 from __future__ import annotations
@@ -54,6 +57,21 @@ class SolverResult:
     zero_point: torch.Tensor
     loss: float
     damping: float
+
+
+def fp_target(weight: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor, damp: float) -> torch.Tensor:
+    """W* = W + W·(C − H)·(H + λI)⁻¹ (out, in) fp32: the unconstrained minimiser of E‖Ŵx − Wx̃‖², damped.
+
+    weight W (out, in); hessian H = E[x xᵀ] and cross C = E[x̃ xᵀ] (in, in), x the quantized model's input to the
+    linear and x̃ the FP model's at the same token; λ = ``damping_lambda(H, damp)``, dead inputs (H_ii = 0) taken
+    as H_ii = 1. Written as a correction of W, so W* = W exactly when x̃ = x, damping or not."""
+    h = hessian.double().clone()
+    diag = h.diagonal()
+    diag[diag == 0] = 1.0
+    diag.add_(damping_lambda(hessian, damp))
+    w = weight.double()
+    correction = torch.linalg.solve(h, (cross.double() - hessian.double()).T @ w.T).T  # W (C − H) H_λ⁻¹
+    return (w + correction).float()
 
 
 def proxy_loss(w_hat: torch.Tensor, weight: torch.Tensor, hessian: torch.Tensor, chunk: int = 2048) -> float:
