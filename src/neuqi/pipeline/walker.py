@@ -114,6 +114,8 @@ def _hessian(
     rank order: the same additions in the same order as one process, so H is bit-identical.
     ``fp`` = (FP layer, its copy of ``linear``, FP hidden states): C = X̃ᵀX / n_tokens (in, in) fp64 with X̃ the
     copy's input for the same tokens (the FP layer runs on the FP hidden states); else C is None."""
+    if fp is not None and dist is not None:
+        raise ConfigError("target='fp' runs in one process (the FP activations are not sharded across ranks)")
     acc = torch.zeros(
         linear.in_features, linear.in_features, dtype=torch.float64, device=linear.weight.device
     )
@@ -194,7 +196,7 @@ def _quantize_linear(
 ) -> tuple[LinearRecord, QParams]:
     """Fit parameters, solve, write Ŵ back into ``linear``; returns (record, QParams). ``hessian`` None: RTN with
     an unweighted initializer (no calibration), whose records carry no losses. ``cross`` C = X̃ᵀX / n: fit and
-    solve on the FP target W* (``solvers.fp_target``) instead of W.
+    solve on the FP target W* (``solvers.fp_target``) instead of W; the recorded losses are then against W*.
 
     With ``dist`` each rank fits and solves its block of output rows (both are row-independent given H; the
     act-order permutation comes from diag(H), shared) and Ŵ, s, Z are gathered; the losses are the rank-order
