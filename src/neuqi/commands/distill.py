@@ -1,4 +1,4 @@
-"""`neuqi distill CHECKPOINT`: lightweight distillation of a packed checkpoint's scales and zero-points (§6).
+"""`neuqi distill CHECKPOINT`: lightweight distillation of a packed checkpoint's scales, zero-points and norms (§6).
 
 Windows never repeat the calibration data (spec §10.12: the reference's distillation windows *are* its
 calibration windows). When the checkpoint's ``neuqi_summary.json`` records its calibration (origin, windows,
@@ -42,10 +42,11 @@ PLOT_NAME = "distill_loss.png"
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "distill",
-        help="distill a packed checkpoint: train its scales and zero-points against the original model",
+        help="distill a packed checkpoint: train its scales, zero-points and norms against the original model",
         description="Lightweight distillation (NeUQI §6): the integer codes stay frozen; every group's scale "
-        "and zero-point trains (fp32 master copies) so the quantized model's final hidden states (mse) or "
-        "next-token distributions (kl) match the teacher's on C4 windows that avoid the calibration data.",
+        "and zero-point and the norm weights train (fp32 master copies) so the quantized model's next-token "
+        "distributions (kl, the default) or final hidden states (mse, the reference's) match the teacher's on C4 "
+        "windows that avoid the calibration data.",
     )
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="neuqi checkpoint directory (neuqi quantize)")
     add_config_options(p, DistillConfig, "distillation")

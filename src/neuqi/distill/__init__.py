@@ -1,11 +1,13 @@
 """Lightweight distillation of a packed model: train scales and zero-points, codes frozen (spec §6, §11.10).
 
-Student: a model with ``QuantLinear`` layers (codes q, fp16 s and Z); teacher: the original model. Only s and
-Z (optionally the norm weights) train: Ŵ = s·(q − Z), ∂L/∂s = Σ_group ∂L/∂Ŵ·(q − Z), ∂L/∂Z = −s·Σ_group ∂L/∂Ŵ.
+Student: a model with ``QuantLinear`` layers (codes q, fp16 s and Z); teacher: the original model. Only s, Z
+and (by default, as in the reference) the norm weights train: Ŵ = s·(q − Z), ∂L/∂s = Σ_group ∂L/∂Ŵ·(q − Z),
+∂L/∂Z = −s·Σ_group ∂L/∂Ŵ.
 
-Losses on windows (B, T): ``mse`` (the reference's) = mean over all B·T·H elements of (h_T − h_S)², h = the
-last hidden state after the final norm; ``kl`` = KL(p_T ‖ p_S) of the next-token distributions averaged over
-the B·T positions, with logits built and back-propagated ``kl_chunk`` positions at a time.
+Losses on windows (B, T): ``kl`` (the default) = KL(p_T ‖ p_S) of the next-token distributions averaged over
+the B·T positions, with logits built and back-propagated ``kl_chunk`` positions at a time; ``mse`` (the
+reference's) = mean over all B·T·H elements of (h_T − h_S)², h = the last hidden state after the final norm.
+On SmolLM2 the KL loss beat the MSE at every setting measured (2.5 bpw: 44.69 against 52.44 WikiText-2 PPL).
 
 Precision: every trained tensor has an fp32 master ``nn.Parameter`` whatever the model dtype (the reference
 ran AdamW on bf16 tensors, where a 3e-4 step vanishes once |Z| ≥ 0.125; spec §6). While training, each
