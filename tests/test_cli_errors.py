@@ -139,7 +139,8 @@ def test_3_checkpoint_with_bad_scales_or_zeros_is_refused(work, tmp_path, capsys
 
 # ----------------------------------------------------------------------------------------- 4. SIGTERM, stale
 SAVE_AND_WAIT = textwrap.dedent("""
-    import sys, time
+    import signal, sys, time
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even if started in the background
     from neuqi.formats.checkpoint import atomic_output_dir
     with atomic_output_dir(sys.argv[1]) as tmp:
         (tmp / "model.safetensors").write_bytes(b"x" * 4096)
