@@ -65,6 +65,17 @@ def test_group_size_is_checked_before_any_work():
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
+def linear_inputs(layer, linear, hiddens, call) -> torch.Tensor:
+    """Every input ``linear`` sees when ``layer`` runs on ``hiddens``, as (tokens, in) fp64."""
+    seen: list[torch.Tensor] = []
+    handle = linear.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    with torch.no_grad():
+        for hidden in hiddens:
+            walker._call(layer, hidden, call)
+    handle.remove()
+    return torch.cat([t.reshape(-1, linear.in_features) for t in seen]).double()
+
+
 def test_hessian_equals_direct_computation():
     from neuqi.pipeline import adapters
 
@@ -73,17 +84,15 @@ def test_hessian_equals_direct_computation():
     stack = adapters.find_stack(model)
     hiddens, calls = adapters.capture_inputs(model, stack, list(ids.split(4)))
     layer = stack.layers[0]
-    for linear in (layer.self_attn.q_proj, layer.mlp.down_proj):
-        seen: list[torch.Tensor] = []
-        handle = linear.register_forward_pre_hook(lambda m, a: seen.append(a[0]))  # noqa: B023
-        with torch.no_grad():
-            for hidden in hiddens:
-                walker._call(layer, hidden, calls[0])
-        handle.remove()
+
+    def hessian(linear, fp=None):
         with torch.no_grad():
             trace = adapters.trace_layer(layer, lambda: walker._call(layer, hiddens[0], calls[0]))
-            h, n, cross = walker._hessian(layer, linear, hiddens, calls[0], walker.Replay(layer, trace))
-        x = torch.cat([t.reshape(-1, linear.in_features) for t in seen]).double()
+            return walker._hessian(layer, linear, hiddens, calls[0], walker.Replay(layer, trace), fp=fp)
+
+    for linear in (layer.self_attn.q_proj, layer.mlp.down_proj):
+        x = linear_inputs(layer, linear, hiddens, calls[0])
+        h, n, cross = hessian(linear)
         assert n == ids.numel() and h.dtype == torch.float64 and cross is None
         ref = x.T @ x / n  # each batch product is fp32, so allow fp32 rounding
         torch.testing.assert_close(h, ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max()))
@@ -92,19 +101,10 @@ def test_hessian_equals_direct_computation():
         with torch.no_grad():
             for param in other.parameters():
                 param.add_(0.05 * torch.randn_like(param))
-        other_linear = other.get_submodule(next(n for n, m in layer.named_modules() if m is linear))
+        other_linear = other.get_submodule(next(name for name, m in layer.named_modules() if m is linear))
         shifted = [t + 0.1 for t in hiddens]
-        seen_fp: list[torch.Tensor] = []
-        handle = other_linear.register_forward_pre_hook(lambda m, a: seen_fp.append(a[0]))  # noqa: B023
-        with torch.no_grad():
-            for hidden in shifted:
-                walker._call(other, hidden, calls[0])
-        handle.remove()
-        with torch.no_grad():
-            trace = adapters.trace_layer(layer, lambda: walker._call(layer, hiddens[0], calls[0]))
-            h2, _, cross = walker._hessian(layer, linear, hiddens, calls[0], walker.Replay(layer, trace),
-                                           fp=(other, other_linear, shifted))
-        x_fp = torch.cat([t.reshape(-1, linear.in_features) for t in seen_fp]).double()
+        x_fp = linear_inputs(other, other_linear, shifted, calls[0])
+        h2, _, cross = hessian(linear, fp=(other, other_linear, shifted))
         assert torch.equal(h2, h)
         ref = x_fp.T @ x / n
         torch.testing.assert_close(cross, ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max()))
