@@ -203,6 +203,12 @@ def test_fp_target_fits_the_fp_output():
     assert kl["fp"] < kl["quantized"]
 
 
+def test_fp_target_names_its_runs():
+    assert QuantConfig(bits=2, group_size=64).short_name() == "w2g64-neuqi-ldlq"
+    assert QuantConfig(bits=2, group_size=-1, target="fp").short_name() == "w2gc-neuqi-ldlq-fp"
+    assert QuantConfig(bpw=2.5, target="fp").short_name() == "bpw2.5-neuqi-ldlq-fp"
+
+
 def test_fp_target_is_refused_when_streaming(tmp_path):
     from neuqi.pipeline.stream import quantize_checkpoint
 

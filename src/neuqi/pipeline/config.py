@@ -120,10 +120,10 @@ class QuantConfig:
         return bits, group_size
 
     def short_name(self) -> str:
-        if self.bpw is not None:
-            return f"bpw{self.bpw:g}-{self.init.replace('_', '-')}-{self.solver}"
-        g = "c" if self.group_size == -1 else str(self.group_size)
-        return f"w{self.bits}g{g}-{self.init.replace('_', '-')}-{self.solver}"
+        """e.g. ``w3g64-neuqi-ldlq``, ``bpw2.5-neuqi-ldlq``; ``-fp`` appended for ``target="fp"``."""
+        size = f"bpw{self.bpw:g}" if self.bpw is not None else (
+            f"w{self.bits}g{'c' if self.group_size == -1 else self.group_size}")
+        return f"{size}-{self.init.replace('_', '-')}-{self.solver}" + ("-fp" if self.target == "fp" else "")
 
 
 def _deprecated_method(self: QuantConfig) -> str:
