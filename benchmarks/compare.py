@@ -186,7 +186,8 @@ def run_row(row: str, setting: str, fp: nn.Module, tokenizer, calib: torch.Tenso
         tokens = distill_windows(tokenizer, calib, args)
         config = DistillConfig(nsamples=tokens.shape[0], seqlen=tokens.shape[1], seed=args.seed, **settings)
         history = distill(model, fp, tokens, config, device=args.device)
-        fields.update(init="neuqi", solver="ldlq", quant_seconds=round(history.total_seconds, 1),
+        solver, init, _ = QUANT_ROWS[start]
+        fields.update(init=init, solver=solver, quant_seconds=round(history.total_seconds, 1),
                       distill={**settings, "windows": tokens.shape[0], "seqlen": tokens.shape[1],
                                "first_loss": history.loss[0], "last_loss": history.loss[-1]})
     else:

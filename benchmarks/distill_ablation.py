@@ -26,29 +26,30 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import compare  # noqa: E402  (the calibration windows, distillation windows and evaluator of the table)
 
+from neuqi.commands.options import cli_fields  # noqa: E402
 from neuqi.distill import DistillConfig, distill  # noqa: E402
 from neuqi.eval import report  # noqa: E402
 from neuqi.formats.checkpoint import load  # noqa: E402
 from neuqi.formats.packed import set_weight_cache  # noqa: E402
 from neuqi.pipeline import data, models  # noqa: E402
 
-TYPES = {"lr": float, "warmup_ratio": float, "epochs": int, "batch_size": int}
 
-
-def parse_variant(text: str) -> dict[str, Any]:
-    """``loss=kl,train_norms=False`` -> {"loss": "kl", "train_norms": False}; ``none`` -> {} (no distillation)."""
+def parse_variant(text: str) -> dict[str, Any] | None:
+    """``loss=kl,train_norms=False`` -> {"loss": "kl", "train_norms": False}, each value of its ``DistillConfig``
+    field's type; ``none`` -> None (no distillation)."""
     if text.strip() == "none":
-        return {}
+        return None
+    kinds = {f.name: kind for f, kind in cli_fields(DistillConfig)}
     settings: dict[str, Any] = {}
     for item in text.split(","):
-        key, _, value = item.partition("=")
-        key = key.strip()
-        settings[key] = {"True": True, "False": False}.get(value, TYPES.get(key, str)(value))
+        key, _, value = (part.strip() for part in item.partition("="))
+        kind = kinds.get(key, str)
+        settings[key] = value == "True" if kind is bool else kind(value)
     DistillConfig(**settings)  # refuse a bad variant before any work
     return settings
 
 
-def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+def run(args: argparse.Namespace, variants: list[tuple[str, dict[str, Any] | None]]) -> list[dict[str, Any]]:
     cmp_args = compare.parse_args(["--windows", str(args.windows), "--distill-samples", str(args.distill_samples),
                                    "--distill-seqlen", str(args.distill_seqlen)])
     torch.manual_seed(cmp_args.seed)
@@ -56,11 +57,10 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     calib, _ = data.calibration_tokens(cmp_args.calib, tokenizer, cmp_args.nsamples, cmp_args.seqlen, cmp_args.seed)
     tokens = compare.distill_windows(tokenizer, calib, cmp_args)
     rows = []
-    for text in args.variants.split(";"):
-        settings = parse_variant(text)
+    for text, settings in variants:
         student = load(args.checkpoint, dtype=next(fp.parameters()).dtype)
-        row: dict[str, Any] = {"variant": text.strip(), "settings": settings}
-        if text.strip() != "none":
+        row: dict[str, Any] = {"variant": text, "settings": settings or {}}
+        if settings is not None:
             config = DistillConfig(nsamples=tokens.shape[0], seqlen=tokens.shape[1], seed=cmp_args.seed, **settings)
             history = distill(student, fp, tokens, config, progress=False)
             row.update(config=config.to_dict(), seconds=history.total_seconds, first_loss=history.loss[0],
@@ -84,9 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--distill-seqlen", type=int, default=512)
     p.add_argument("--out", default="benchmarks/results/distill_ablation.json")
     args = p.parse_args(argv)
-    for text in args.variants.split(";"):
-        parse_variant(text)
-    rows = run(args)
+    variants = [(text.strip(), parse_variant(text)) for text in args.variants.split(";")]
+    rows = run(args, variants)
     print("\n| variant | WikiText-2 | C4 | seconds |\n|---|---:|---:|---:|")
     for r in rows:
         m = r["metrics"]

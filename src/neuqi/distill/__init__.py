@@ -1,4 +1,4 @@
-"""Lightweight distillation of a packed model: train scales and zero-points, codes frozen (spec §6, §11.10).
+"""Lightweight distillation of a packed model: train scales, zero-points and norms, codes frozen (spec §6, §11.10).
 
 Student: a model with ``QuantLinear`` layers (codes q, fp16 s and Z); teacher: the original model. Only s, Z
 and (by default, as in the reference) the norm weights train: Ŵ = s·(q − Z), ∂L/∂s = Σ_group ∂L/∂Ŵ·(q − Z),

@@ -65,10 +65,9 @@ def fp_target(weight: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor, 
     weight W (out, in); hessian H = E[x xᵀ] and cross C = E[x̃ xᵀ] (in, in), x the quantized model's input to the
     linear and x̃ the FP model's at the same token; λ = ``damping_lambda(H, damp)``, dead inputs (H_ii = 0) taken
     as H_ii = 1. Written as a correction of W, so W* = W exactly when x̃ = x, damping or not."""
-    h = hessian.double().clone()
-    diag = h.diagonal()
-    diag[diag == 0] = 1.0
-    diag.add_(damping_lambda(hessian, damp))
+    n = hessian.shape[0]
+    h = _damped(hessian, torch.arange(n, device=hessian.device), hessian.diagonal() == 0,
+                damping_lambda(hessian, damp))  # H + λI, dead inputs at 1, in the original order
     w = weight.double()
     correction = torch.linalg.solve(h, (cross.double() - hessian.double()).T @ w.T).T  # W (C − H) H_λ⁻¹
     return (w + correction).float()
