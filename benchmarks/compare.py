@@ -52,21 +52,25 @@ QUANT_ROWS = {"rtn": ("rtn", "minmax", {}), "gptq": ("ldlq", "minmax", {}),
               "gptq_dynamic": ("ldlq", "minmax", {}),
               "neuqi_int": ("ldlq", "neuqi_int", {"search": "coarse_to_fine"}), "neuqi": ("ldlq", "neuqi", {}),
               "neuqi_fisher": ("ldlq", "neuqi", {}), "neuqi_layer": ("ldlq", "neuqi", {}),
-              "neuqi_fp": ("ldlq", "neuqi", {})}
+              "neuqi_fp": ("ldlq", "neuqi", {}), "neuqi_refine": ("ldlq", "neuqi", {})}
 PARAM_FIT = {"gptq_dynamic": "dynamic"}  # rows whose (s, Z) are fitted when LDLQ reaches the group
 TARGET = {"neuqi_fp": "fp"}  # rows fitted to the FP model's output (QuantConfig.target; default "quantized")
+REFINE = {"neuqi_refine": 4}  # rounds of refinement after the solver (QuantConfig.refine); every other row: 0
 WEIGHTING = {"neuqi_fisher": "fisher", "neuqi_layer": "layer"}  # mixed-precision rows' weighting (default: "kl")
 PEER_ROWS = {"llmc_gptq": "peers/llmcompressor_gptq.py",  # run in the peer's own venv (--peer-python)
              "autoround": "peers/autoround.py"}
 # distill row -> (the quantized row it starts from, DistillConfig settings); the student is that row's model of the
 # same setting in the same run. "distill": the reference's loss (MSE on the final hidden states), scales and
 # zero-points; "distill_kl": the KL of the logits, scales, zero-points and norm weights.
-DISTILL_ROWS = {"distill": ("neuqi", {"loss": "mse"}), "distill_kl": ("neuqi", {"loss": "kl", "train_norms": True})}
+DISTILL_ROWS = {"distill": ("neuqi", {"loss": "mse"}), "distill_kl": ("neuqi", {"loss": "kl", "train_norms": True}),
+                "distill_refine": ("neuqi_refine", {"loss": "kl", "train_norms": True})}
 ROWS = ("fp", *QUANT_ROWS, *DISTILL_ROWS, "hqq", *PEER_ROWS)
 LABELS = {"fp": "FP", "rtn": "RTN", "gptq": "GPTQ (Min-Max + LDLQ)", "gptq_dynamic": "GPTQ, dynamic Min-Max",
           "neuqi_int": "NeUQI_int + LDLQ", "neuqi": "NeUQI + LDLQ", "neuqi_fisher": "NeUQI + LDLQ, Fisher-only plan",
           "neuqi_layer": "NeUQI + LDLQ, raw-loss plan", "neuqi_fp": "NeUQI + LDLQ, FP target",
-          "distill": "NeUQI + LDLQ + distill", "distill_kl": "NeUQI + LDLQ + distill (KL, norms)", "hqq": "HQQ",
+          "neuqi_refine": "NeUQI + LDLQ + refine",
+          "distill": "NeUQI + LDLQ + distill", "distill_kl": "NeUQI + LDLQ + distill (KL, norms)",
+          "distill_refine": "NeUQI + LDLQ + refine + distill (KL, norms)", "hqq": "HQQ",
           "llmc_gptq": "llm-compressor GPTQ (int zero-point)",
           "autoround": "AutoRound, light recipe (int zero-point)"}
 
@@ -278,9 +282,10 @@ def quantize_row(row: str, setting: str, fp: nn.Module, calib: torch.Tensor, arg
     bits, group_size = SETTINGS[setting]
     solver, init, options = QUANT_ROWS[row]
     common = dict(solver=solver, init=init, init_options=options, param_fit=PARAM_FIT.get(row, "static"),
-                  target=TARGET.get(row, "quantized"))
+                  target=TARGET.get(row, "quantized"), refine=REFINE.get(row, 0))
     fields: dict[str, Any] = {"init": init, "init_options": options, "solver": solver,
-                              "param_fit": common["param_fit"], "target": common["target"]}
+                              "param_fit": common["param_fit"], "target": common["target"],
+                              "refine": common["refine"]}
     plan_seconds = 0.0
     if group_size is None:
         config, report = plan_row(row, setting, fp, calib, args, cache, common)

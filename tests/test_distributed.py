@@ -50,11 +50,12 @@ def _quantize(tiny: tuple[Path, Path], out: Path, nproc: int, *extra: str) -> su
     return subprocess.run([*launcher, *argv], capture_output=True, text=True, env=env, timeout=600)
 
 
-@pytest.mark.parametrize("solver", ["ldlq", pytest.param("gptq", marks=pytest.mark.slow)])
-def test_two_gloo_processes_write_the_single_process_checkpoint(tiny_dir, tmp_path, solver):
-    one = _quantize(tiny_dir, tmp_path / "one", 1, "--solver", solver)
+@pytest.mark.parametrize("options", [["--solver", "ldlq"], pytest.param(["--solver", "gptq"], marks=pytest.mark.slow),
+                                     ["--solver", "ldlq", "--refine", "2"]], ids=["ldlq", "gptq", "ldlq-refine"])
+def test_two_gloo_processes_write_the_single_process_checkpoint(tiny_dir, tmp_path, options):
+    one = _quantize(tiny_dir, tmp_path / "one", 1, *options)
     assert one.returncode == 0, one.stderr[-3000:]
-    two = _quantize(tiny_dir, tmp_path / "two", 2, "--solver", solver)
+    two = _quantize(tiny_dir, tmp_path / "two", 2, *options)
     assert two.returncode == 0, two.stderr[-3000:]
     assert two.stdout.count("quantized ") == 1 and "on 2 process(es)" in two.stdout  # rank 0 reports
     # 5 batches over 2 ranks (3 + 2), row blocks of odd sizes: the tensors are the same bytes

@@ -38,6 +38,7 @@ def tokens(n=6, seqlen=16):
         ({"group_size": 0}, "group_size"),
         ({"damping": -1.0}, "damping"),
         ({"batch_size": 0}, "batch_size"),
+        ({"refine": -1}, "refine"),
         ({"version": 2}, "version"),
     ],
 )
@@ -246,6 +247,24 @@ def test_rtn_with_minmax_needs_no_calibration(monkeypatch):
         assert torch.equal(model.get_submodule(name).weight, grid.fake_quantize(w0, scale, zero, 3, 16))
     assert walker.needs_calibration(QuantConfig(solver="rtn", init="neuqi"))  # NeUQI reads diag(H)
     assert walker.needs_calibration(QuantConfig(solver="ldlq", init="minmax"))
+    assert walker.needs_calibration(QuantConfig(solver="rtn", init="minmax", refine=1))  # refits on H
+
+
+def test_refine_lowers_every_layer_loss_and_keeps_the_grid():
+    """refine=2: q, k and v of the first layer (the same H either way) each have a lower loss than the solver's alone;
+    every linear holds the grid of its recorded parameters; the run is named for it."""
+    results = {}
+    for rounds in (0, 2):
+        model = tiny_llama()
+        config = QuantConfig(bits=2, group_size=16, batch_size=3, refine=rounds)
+        results[rounds] = model, quantize_model(model, tokens(), config, progress=False)
+    model, summary = results[2]
+    for before, after in zip(results[0][1].records[:3], summary.records[:3]):
+        assert after.name == before.name and after.loss < before.loss and after.loss_before == before.loss_before
+    for name, qp in summary.qparams.items():
+        w = model.get_submodule(name).weight
+        assert torch.equal(grid.fake_quantize(w, qp.scale, qp.zero_point, 2, 16), w), name
+    assert QuantConfig(bits=2, group_size=64, refine=4).short_name() == "w2g64-neuqi-ldlq-r4"
 
 
 def test_bf16_model_is_quantized_in_place():
@@ -330,6 +349,7 @@ def test_cli_end_to_end(tiny_dir, tmp_path, capsys):
         (["--calib", "/no/such/file"], "calib"),
         (["--nsamples", "0"], "nsamples"),
         (["--dtype", "fp8"], "dtype"),
+        (["--refine", "-1"], "refine must be an integer >= 0"),
         (["--target", "fp", "--stream"], "--target fp keeps the FP model's activations"),
     ],
 )

@@ -260,3 +260,90 @@ def test_fp_target_is_the_least_squares_target():
     proxy_gap = solvers.proxy_loss(a, target, h) - solvers.proxy_loss(b, target, h)
     assert fp_error(a) - fp_error(b) == pytest.approx(proxy_gap, rel=1e-4)
     assert torch.equal(solvers.fp_target(w, h, h, damp=0.01), w)
+
+
+def damped(h: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
+    return (h + solvers.damping_lambda(h, damp) * torch.eye(h.shape[0], dtype=h.dtype)).float()
+
+
+def test_refit_params_is_the_least_squares_optimum():
+    """For fixed codes, the refit (s, Z) of each row equal a brute-force weighted least squares over (s_g, s_g·Z_g)
+    (ŵ = A·x with A[j, g] = q_j, A[j, G + g] = −1 on group g), to fp16 storage."""
+    w, h = problem(out=6, n=32)
+    s, z = minmax(w, 8, bits=2)
+    codes = solvers.ldlq(w, h, s, z, 2, 8).codes
+    new_s, new_z = solvers.refit_params(w, h, codes, s, z, 8)
+    root = torch.linalg.cholesky(h).T  # H = RᵀR: ‖R(w − Ax)‖² is the loss
+    for r in range(6):
+        a = torch.zeros(32, 8, dtype=torch.float64)
+        for grp in range(4):
+            cols = slice(8 * grp, 8 * grp + 8)
+            a[cols, grp] = codes[r, cols].double()
+            a[cols, 4 + grp] = -1.0
+        x = torch.linalg.lstsq(root @ a, root @ w[r].double()).solution
+        ref_s, ref_z = grid.to_storage(x[:4].float().unsqueeze(0), (x[4:] / x[:4]).float().unsqueeze(0))
+        torch.testing.assert_close(new_s[r], ref_s[0], rtol=2e-3, atol=0)
+        torch.testing.assert_close(new_z[r], ref_z[0], rtol=0, atol=2e-3 * ref_z.abs().max().item())
+    old = solvers.proxy_loss(grid.dequantize(codes, s, z, 8), w, h)
+    assert solvers.proxy_loss(grid.dequantize(codes, new_s, new_z, 8), w, h) < 0.95 * old
+    one_row_at_a_time = solvers.refit_params(w, h, codes, s, z, 8, chunk_elements=1)
+    assert all(torch.equal(a, b) for a, b in zip(one_row_at_a_time, (new_s, new_z)))
+
+
+def test_refit_params_keeps_a_row_it_cannot_improve():
+    """A row whose codes are all equal has no scale to fit (the system is singular along s): it keeps (s, Z)."""
+    w, h = problem(out=4, n=16)
+    s, z = minmax(w, -1, bits=2)
+    codes = solvers.ldlq(w, h, s, z, 2, -1).codes
+    codes[1] = 2
+    new_s, new_z = solvers.refit_params(w, h, codes, s, z, -1)
+    assert torch.isfinite(new_s).all() and (new_s > 0).all() and torch.isfinite(new_z).all()
+    before = solvers._row_losses(w, h.double(), codes, s, z, 16)
+    after = solvers._row_losses(w, h.double(), codes, new_s, new_z, 16)
+    assert (after <= before).all() and (after < before).sum() >= 3
+
+
+def test_code_descent_reaches_a_coordinatewise_optimum():
+    """Repeated passes of the coordinate descent stop at codes no single (row, column) change improves: checked
+    against every alternative code by brute force."""
+    w, h = problem(out=5, n=24)
+    s, z = minmax(w, 8, bits=2)
+    hd = damped(h)
+    codes = solvers.rtn(w, h, s, z, 2, 8).codes
+    loss = solvers._row_losses(w, hd.double(), codes, s, z, 8).sum()
+    for _ in range(50):
+        new = solvers._descend_codes(w, hd, codes, s, z, 2, 8, torch.randperm(24, generator=torch.Generator()
+                                                                                .manual_seed(1)), block_size=7)
+        new_loss = solvers._row_losses(w, hd.double(), new, s, z, 8).sum()
+        assert new_loss <= loss + 1e-9
+        if torch.equal(new, codes):
+            break
+        codes, loss = new, new_loss
+    else:
+        pytest.fail("coordinate descent did not converge in 50 passes")
+    best = solvers._row_losses(w, hd.double(), codes, s, z, 8)
+    for j in range(24):
+        for q in range(4):
+            trial = codes.clone()
+            trial[:, j] = q
+            assert (solvers._row_losses(w, hd.double(), trial, s, z, 8) >= best - 1e-6 * best).all()
+
+
+@pytest.mark.parametrize("solver, group_size", [("ldlq", -1), ("ldlq", 16), ("rtn", 16)])
+def test_refine_lowers_the_loss_and_stays_on_the_grid(solver, group_size):
+    w, h = problem()
+    h[5, :] = h[:, 5] = 0  # a dead input stays a zero weight's code
+    s, z = minmax(w, group_size, bits=2)
+    first = solvers.get_solver(solver)(w, h, s, z, 2, group_size)
+    res = solvers.refine(w, h, first, 2, group_size, rounds=3)
+    assert res.loss < 0.97 * first.loss
+    assert res.loss == pytest.approx(solvers.proxy_loss(res.weight, w, h))
+    assert torch.equal(res.weight, grid.dequantize(res.codes, res.scale, res.zero_point, group_size))
+    for t in (res.scale, res.zero_point):  # stored in fp16
+        assert torch.equal(t, t.half().float())
+    zeros = grid.fake_quantize(torch.zeros_like(w), res.scale, res.zero_point, 2, group_size)
+    assert torch.equal(res.weight[:, 5], zeros[:, 5])
+    hd = damped(h).double()
+    losses = [solvers._row_losses(w, hd, r.codes, r.scale, r.zero_point, group_size).sum()
+              for r in (first, solvers.refine(w, h, first, 2, group_size, rounds=1), res)]
+    assert losses[0] > losses[1] >= losses[2]

@@ -49,6 +49,10 @@ class QuantConfig:
                   "own W·x (GPTQ, the paper); fp: the FP model's W·x̃, so the error of the layers before is "
                   "corrected too (asymmetric calibration; one FP forward more per layer, FP activations kept)",
                   "choices": TARGETS})
+    refine: int = field(
+        default=0,
+        metadata={"help": "rounds of refinement after the solver, each a coordinate-descent pass over the codes and "
+                  "the optimal (s, Z) of every row for its codes (neuqi.quant.solvers.refine); 0: off (the paper)"})
     batch_size: int = field(default=4, metadata={"help": "calibration windows per layer forward"})
     init_options: dict[str, Any] = field(default_factory=dict, metadata={"help": "extra initializer options"})
     bpw: float | None = field(
@@ -84,6 +88,7 @@ class QuantConfig:
         if not (isinstance(self.damping, (int, float)) and math.isfinite(self.damping) and self.damping >= 0):
             raise ConfigError(f"damping must be a finite number >= 0, got {self.damping!r}")
         check_positive_int("block_size", self.block_size)
+        check_positive_int("refine", self.refine, minimum=0)
         check_positive_int("batch_size", self.batch_size)
         if not isinstance(self.init_options, dict) or not all(isinstance(k, str) for k in self.init_options):
             raise ConfigError("init_options must be a dict with string keys")
@@ -120,10 +125,12 @@ class QuantConfig:
         return bits, group_size
 
     def short_name(self) -> str:
-        """e.g. ``w3g64-neuqi-ldlq``, ``bpw2.5-neuqi-ldlq``; ``-fp`` appended for ``target="fp"``."""
+        """e.g. ``w3g64-neuqi-ldlq``, ``bpw2.5-neuqi-ldlq``; ``-r4`` appended for ``refine=4``, ``-fp`` for
+        ``target="fp"``."""
         size = f"bpw{self.bpw:g}" if self.bpw is not None else (
             f"w{self.bits}g{'c' if self.group_size == -1 else self.group_size}")
-        return f"{size}-{self.init.replace('_', '-')}-{self.solver}" + ("-fp" if self.target == "fp" else "")
+        return (f"{size}-{self.init.replace('_', '-')}-{self.solver}" + (f"-r{self.refine}" if self.refine else "")
+                + ("-fp" if self.target == "fp" else ""))
 
 
 def _deprecated_method(self: QuantConfig) -> str:
@@ -180,8 +187,8 @@ def _init_methods() -> list[str]:
 
 
 def needs_calibration(config: QuantConfig) -> bool:
-    """False for RTN with an initializer that ignores the Hessian: nothing then depends on the calibration
-    activations."""
+    """False for RTN with an initializer that ignores the Hessian and no refinement: nothing then depends on the
+    calibration activations."""
     from ..quant.init import uses_hessian
 
-    return config.solver != "rtn" or uses_hessian(config.init)
+    return config.solver != "rtn" or uses_hessian(config.init) or config.refine > 0

@@ -21,6 +21,12 @@ per-group parameters ``scale``, ``zero_point`` (out, n_groups), already rounded 
   (s, Z) are fitted when the solver reaches the first of its columns in processing order, on the group's
   columns as GPTQ's error feedback has updated them so far: the optimal remaining weights given the columns
   already quantized (W̃_R = W_R + Δ_F·H_FR·H_RR⁻¹). GPTQ and LDLQ then agree in this mode too.
+* **Refinement** (``refine``, after any solver): the solver's Ŵ is a greedy, one-pass answer on parameters fitted
+  before it ran. ``refine`` lowers L = tr((Ŵ − W)·H_λ·(Ŵ − W)ᵀ), H_λ = H + λI, by alternating two exact steps,
+  each of which can only lower L: (1) coordinate descent on the codes: column i, all others fixed, goes to the
+  grid point nearest its optimum ŵ_i − [(Ŵ − W)·H_λ]_i / (H_λ)_ii; (2) the optimal (s, Z) of every row for its
+  codes: ŵ = Σ_g (s_g·q_g − b_g·1_g) is linear in (s_g, b_g = s_g·Z_g), so each row's 2G parameters solve a
+  2G × 2G least-squares system.
 * ``loss`` = tr((Ŵ − W)·H·(Ŵ − W)ᵀ) with the undamped H and the original W: the mean squared output error per
   token.
 * **FP target** (``fp_target``, asymmetric calibration as in GPTAQ): to fit the FP model's output W·x̃ from the
@@ -394,3 +400,112 @@ def ldlq(
             torch.sub(w[t], q, out=d)
             w1[i + 1 :].addmm_(a1[i, i + 1 :].unsqueeze(1), d.unsqueeze(0))
     return _finish(weight.float(), hessian, cols, group_size, k * damp)
+
+
+def _descend_codes(
+    weight: torch.Tensor, hessian: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+    bits: int, group_size: int, order: torch.Tensor, block_size: int = 128,
+) -> torch.Tensor:
+    """One pass of coordinate descent on the codes (out, in) for fixed (s, Z), columns in ``order``; returns the
+    new codes. ``hessian`` is H_λ (in, in) fp32 with no zero diagonal. Works on transposed (in, out) rows; the
+    feedback G = H_λ·(Ŵ − W)ᵀ is updated lazily, a block of columns at a time (as GPTQ's updates)."""
+    m = grid.max_code(bits)
+    n = weight.shape[1]
+    s_t = grid.expand_params(scale, group_size, n).T.contiguous()  # (in, out)
+    z_t = grid.expand_params(zero_point, group_size, n).T.contiguous()
+    q_t = codes.T.float().contiguous()
+    w_hat = s_t * (q_t - z_t)
+    feedback = hessian @ (w_hat - weight.T)  # (in, out): column i of (Ŵ − W)·H_λ as row i
+    inv_diag = 1.0 / hessian.diagonal()
+    order = order.tolist()
+    for b1 in range(0, n, block_size):
+        cols = order[b1 : b1 + block_size]
+        idx = torch.tensor(cols, device=weight.device)
+        local = feedback[idx]  # (B, out): the block's rows of the feedback, kept current
+        h_block = hessian[idx][:, idx]  # (B, B)
+        steps = torch.zeros_like(local)
+        for k, i in enumerate(cols):
+            target = w_hat[i] - local[k] * inv_diag[i]
+            q = torch.round(target / s_t[i] + z_t[i]).clamp_(0, m)
+            new = s_t[i] * (q - z_t[i])
+            step = steps[k]
+            torch.sub(new, w_hat[i], out=step)
+            local.addr_(h_block[:, k], step)
+            w_hat[i], q_t[i] = new, q
+        rest = torch.ones(n, dtype=torch.bool, device=weight.device)
+        rest[idx] = False
+        feedback[rest] += hessian[rest][:, idx] @ steps
+        feedback[idx] = local
+    return q_t.T.to(torch.uint8).contiguous()
+
+
+def refit_params(
+    weight: torch.Tensor, hessian: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+    group_size: int, chunk_elements: int = 1 << 24,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (s, Z) (out, G) minimising tr((Ŵ − W)·H·(Ŵ − W)ᵀ) for fixed codes, rounded to storage; a row keeps
+    its old parameters where the solution has a scale below ``grid.MIN_SCALE`` or is not better once stored.
+
+    Per row, with x = (s_1..s_G, b_1..b_G), b_g = s_g·Z_g, ŵ = A·x where A[j, g] = q_j, A[j, G + g] = −1 for the
+    columns j of group g: the normal equations (AᵀHA)·x = AᵀH·w, with a 1e-9·mean-diagonal ridge towards the old
+    x. ``hessian`` (in, in) must be positive definite on the row's span (pass H_λ). fp64 inside, rows in chunks
+    whose (rows, G, in) products hold at most ``chunk_elements`` numbers (128 MiB)."""
+    out, n = weight.shape
+    g = grid.resolve_group_size(n, group_size)
+    n_groups = n // g
+    h = hessian.double()
+    h_blocks = h.reshape(n_groups, g, n)
+    block_sums = h.reshape(n_groups, g, n_groups, g).sum((1, 3))  # 1_gᵀ H 1_h
+    new_scale, new_zero = scale.clone().float(), zero_point.clone().float()
+    rows_per_chunk = max(1, chunk_elements // (n_groups * n))
+    for r1 in range(0, out, rows_per_chunk):
+        rows = slice(r1, min(r1 + rows_per_chunk, out))
+        q = codes[rows].double().reshape(-1, n_groups, g)
+        hw = (weight[rows].double() @ h).reshape(-1, n_groups, g)
+        proj = torch.einsum("rgi,gik->rgk", q, h_blocks).reshape(-1, n_groups, n_groups, g)  # q_gᵀ H, by group
+        m_ss = (proj * q.unsqueeze(1)).sum(-1)  # q_gᵀ H q_h
+        m_sb = -proj.sum(-1)  # −q_gᵀ H 1_h
+        system = torch.cat([torch.cat([m_ss, m_sb], 2),
+                            torch.cat([m_sb.transpose(1, 2), block_sums.expand_as(m_ss)], 2)], 1)
+        rhs = torch.cat([(q * hw).sum(-1), -hw.sum(-1)], 1)
+        s0, z0 = scale[rows].double(), zero_point[rows].double()
+        x0 = torch.cat([s0, s0 * z0], 1)
+        ridge = 1e-9 * system.diagonal(dim1=1, dim2=2).mean(1, keepdim=True)
+        system.diagonal(dim1=1, dim2=2).add_(ridge)
+        x = torch.linalg.solve(system, (rhs + ridge * x0).unsqueeze(-1)).squeeze(-1)
+        s, z = x[:, :n_groups], x[:, n_groups:] / x[:, :n_groups]
+        valid = ((s >= grid.MIN_SCALE) & (z.abs() <= grid.FP16_MAX)).all(1, keepdim=True)  # NaN: not valid
+        s, z = grid.to_storage(torch.where(valid, s, s0).float(), torch.where(valid, z, z0).float())
+        old = _row_losses(weight[rows], h, codes[rows], scale[rows], zero_point[rows], g)
+        new = _row_losses(weight[rows], h, codes[rows], s, z, g)
+        better = (new < old).unsqueeze(1)
+        new_scale[rows] = torch.where(better, s, scale[rows].float())
+        new_zero[rows] = torch.where(better, z, zero_point[rows].float())
+    return new_scale, new_zero
+
+
+def _row_losses(weight, hessian, codes, scale, zero_point, group_size) -> torch.Tensor:
+    delta = (grid.dequantize(codes, scale, zero_point, group_size) - weight).double()
+    return ((delta @ hessian) * delta).sum(1)
+
+
+def refine(
+    weight: torch.Tensor, hessian: torch.Tensor, result: SolverResult, bits: int, group_size: int = -1, *,
+    damp: float = 0.01, rounds: int = 4, act_order: bool = True,
+) -> SolverResult:
+    """``rounds`` × (a coordinate-descent pass over the codes, then the rows' optimal (s, Z)) on a solver's
+    ``result`` for ``weight`` (out, in) and ``hessian`` (in, in) (see the module docstring). H_λ is damped as the
+    solver's was (``result.damping``, or ``damp`` after RTN, which damps nothing), so L = tr((Ŵ − W)·H_λ·(Ŵ − W)ᵀ)
+    is the objective the solver had and never increases. Dead inputs keep the code of a zero weight. The
+    returned ``loss`` is against the undamped H, as every solver's; ``damping`` is the solver's."""
+    w, perm, dead, _ = _prepare(weight, hessian, damp, act_order)
+    w = w[torch.argsort(perm)].T  # (out, in) in the original order, dead inputs zeroed
+    shift = damping_lambda(hessian, result.damping or damp)
+    h = _damped(hessian, torch.arange(hessian.shape[0], device=w.device), dead, shift).float()
+    codes, scale, zero = result.codes, result.scale, result.zero_point
+    g = grid.resolve_group_size(w.shape[1], group_size)
+    for _ in range(rounds):
+        codes = _descend_codes(w, h, codes, scale, zero, bits, g, perm)
+        scale, zero = refit_params(w, h, codes, scale, zero, g)
+    w_hat = grid.dequantize(codes, scale, zero, g)
+    return SolverResult(w_hat, codes, scale, zero, proxy_loss(w_hat, weight.float(), hessian), result.damping)
