@@ -55,7 +55,7 @@ QUANT_ROWS = {"rtn": ("rtn", "minmax", {}), "gptq": ("ldlq", "minmax", {}),
               "neuqi_fp": ("ldlq", "neuqi", {}), "neuqi_refine": ("ldlq", "neuqi", {})}
 PARAM_FIT = {"gptq_dynamic": "dynamic"}  # rows whose (s, Z) are fitted when LDLQ reaches the group
 TARGET = {"neuqi_fp": "fp"}  # rows fitted to the FP model's output (QuantConfig.target; default "quantized")
-REFINE = {"neuqi_refine": 4}  # rounds of refinement after the solver (QuantConfig.refine); every other row: 0
+REFINE = {"neuqi_refine": 8}  # rounds of refinement after the solver (QuantConfig.refine); every other row: 0
 WEIGHTING = {"neuqi_fisher": "fisher", "neuqi_layer": "layer"}  # mixed-precision rows' weighting (default: "kl")
 PEER_ROWS = {"llmc_gptq": "peers/llmcompressor_gptq.py",  # run in the peer's own venv (--peer-python)
              "autoround": "peers/autoround.py"}
@@ -286,6 +286,8 @@ def quantize_row(row: str, setting: str, fp: nn.Module, calib: torch.Tensor, arg
     fields: dict[str, Any] = {"init": init, "init_options": options, "solver": solver,
                               "param_fit": common["param_fit"], "target": common["target"],
                               "refine": common["refine"]}
+    if common["refine"]:
+        fields["refine_damping"] = QuantConfig().refine_damping
     plan_seconds = 0.0
     if group_size is None:
         config, report = plan_row(row, setting, fp, calib, args, cache, common)

@@ -46,7 +46,7 @@ def quantized(demo):
     out = {}
     for name, method, init in (("rtn", "rtn", "minmax"), ("gptq", "ldlq", "minmax"), ("neuqi", "ldlq", "neuqi")):
         q = copy.deepcopy(model)
-        config = QuantConfig(bits=3, group_size=64, solver=method, init=init)
+        config = QuantConfig(bits=3, group_size=64, solver=method, init=init, refine=0)  # the paper's methods
         out[name] = (q, quantize_model(q, calib, config, progress=False))
     return out
 

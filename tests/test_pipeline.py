@@ -37,6 +37,7 @@ def tokens(n=6, seqlen=16):
         ({"target": "teacher"}, "target"),
         ({"group_size": 0}, "group_size"),
         ({"damping": -1.0}, "damping"),
+        ({"refine_damping": float("nan")}, "refine_damping"),
         ({"batch_size": 0}, "batch_size"),
         ({"refine": -1}, "refine"),
         ({"version": 2}, "version"),
@@ -247,7 +248,6 @@ def test_rtn_with_minmax_needs_no_calibration(monkeypatch):
         assert torch.equal(model.get_submodule(name).weight, grid.fake_quantize(w0, scale, zero, 3, 16))
     assert walker.needs_calibration(QuantConfig(solver="rtn", init="neuqi"))  # NeUQI reads diag(H)
     assert walker.needs_calibration(QuantConfig(solver="ldlq", init="minmax"))
-    assert walker.needs_calibration(QuantConfig(solver="rtn", init="minmax", refine=1))  # refits on H
 
 
 def test_refine_lowers_every_layer_loss_and_keeps_the_grid():
@@ -265,6 +265,8 @@ def test_refine_lowers_every_layer_loss_and_keeps_the_grid():
         w = model.get_submodule(name).weight
         assert torch.equal(grid.fake_quantize(w, qp.scale, qp.zero_point, 2, 16), w), name
     assert QuantConfig(bits=2, group_size=64, refine=4).short_name() == "w2g64-neuqi-ldlq-r4"
+    assert QuantConfig(bits=2, group_size=64, refine=0).short_name() == "w2g64-neuqi-ldlq-r0"
+    assert QuantConfig(bits=2, group_size=64, solver="rtn", refine=0).short_name() == "w2g64-neuqi-rtn"
 
 
 def test_bf16_model_is_quantized_in_place():

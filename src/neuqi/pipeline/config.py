@@ -50,9 +50,12 @@ class QuantConfig:
                   "corrected too (asymmetric calibration; one FP forward more per layer, FP activations kept)",
                   "choices": TARGETS})
     refine: int = field(
-        default=0,
-        metadata={"help": "rounds of refinement after the solver, each a coordinate-descent pass over the codes and "
-                  "the optimal (s, Z) of every row for its codes (neuqi.quant.solvers.refine); 0: off (the paper)"})
+        default=8,
+        metadata={"help": "rounds of refinement after GPTQ/LDLQ, each a coordinate-descent pass over the codes and "
+                  "the least-squares (s, Z) of every row for its codes (neuqi.quant.solvers.refine); 0: off (the "
+                  "paper). RTN is never refined"})
+    refine_damping: float = field(
+        default=0.1, metadata={"help": "λ = refine_damping·mean(diag H) in the refinement's H (at least the solver's)"})
     batch_size: int = field(default=4, metadata={"help": "calibration windows per layer forward"})
     init_options: dict[str, Any] = field(default_factory=dict, metadata={"help": "extra initializer options"})
     bpw: float | None = field(
@@ -85,8 +88,10 @@ class QuantConfig:
             raise ConfigError(f"unknown target {self.target!r}; choose one of {list(TARGETS)}")
         if self.param_fit not in PARAM_FITS:
             raise ConfigError(f"unknown param_fit {self.param_fit!r}; choose one of {list(PARAM_FITS)}")
-        if not (isinstance(self.damping, (int, float)) and math.isfinite(self.damping) and self.damping >= 0):
-            raise ConfigError(f"damping must be a finite number >= 0, got {self.damping!r}")
+        for name in ("damping", "refine_damping"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ConfigError(f"{name} must be a finite number >= 0, got {value!r}")
         check_positive_int("block_size", self.block_size)
         check_positive_int("refine", self.refine, minimum=0)
         check_positive_int("batch_size", self.batch_size)
@@ -125,12 +130,15 @@ class QuantConfig:
         return bits, group_size
 
     def short_name(self) -> str:
-        """e.g. ``w3g64-neuqi-ldlq``, ``bpw2.5-neuqi-ldlq``; ``-r4`` appended for ``refine=4``, ``-fp`` for
-        ``target="fp"``."""
+        """e.g. ``w3g64-neuqi-ldlq``, ``bpw2.5-neuqi-ldlq``; ``-r0`` appended for ``refine=0`` (the paper's
+        pipeline) and ``-rN`` for other non-default rounds, ``-fp`` for ``target="fp"``."""
         size = f"bpw{self.bpw:g}" if self.bpw is not None else (
             f"w{self.bits}g{'c' if self.group_size == -1 else self.group_size}")
-        return (f"{size}-{self.init.replace('_', '-')}-{self.solver}" + (f"-r{self.refine}" if self.refine else "")
-                + ("-fp" if self.target == "fp" else ""))
+        refine = f"-r{self.refine}" if self.refine != _REFINE_DEFAULT and self.solver != "rtn" else ""
+        return f"{size}-{self.init.replace('_', '-')}-{self.solver}{refine}" + ("-fp" if self.target == "fp" else "")
+
+
+_REFINE_DEFAULT = QuantConfig.__dataclass_fields__["refine"].default
 
 
 def _deprecated_method(self: QuantConfig) -> str:
@@ -187,8 +195,8 @@ def _init_methods() -> list[str]:
 
 
 def needs_calibration(config: QuantConfig) -> bool:
-    """False for RTN with an initializer that ignores the Hessian and no refinement: nothing then depends on the
-    calibration activations."""
+    """False for RTN with an initializer that ignores the Hessian: nothing then depends on the calibration
+    activations."""
     from ..quant.init import uses_hessian
 
-    return config.solver != "rtn" or uses_hessian(config.init) or config.refine > 0
+    return config.solver != "rtn" or uses_hessian(config.init)

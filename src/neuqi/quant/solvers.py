@@ -494,13 +494,14 @@ def refine(
     damp: float = 0.01, rounds: int = 4, act_order: bool = True,
 ) -> SolverResult:
     """``rounds`` × (a coordinate-descent pass over the codes, then the rows' optimal (s, Z)) on a solver's
-    ``result`` for ``weight`` (out, in) and ``hessian`` (in, in) (see the module docstring). H_λ is damped as the
-    solver's was (``result.damping``, or ``damp`` after RTN, which damps nothing), so L = tr((Ŵ − W)·H_λ·(Ŵ − W)ᵀ)
-    is the objective the solver had and never increases. Dead inputs keep the code of a zero weight. The
-    returned ``loss`` is against the undamped H, as every solver's; ``damping`` is the solver's."""
+    ``result`` for ``weight`` (out, in) and ``hessian`` (in, in) (see the module docstring), with
+    λ = max(damp, result.damping)·mean(diag H): L = tr((Ŵ − W)·H_λ·(Ŵ − W)ᵀ) never increases. Damping more than
+    the solver did keeps the refinement from fitting the calibration tokens too closely. Dead inputs keep the code
+    of a zero weight. The returned ``loss`` is against the undamped H, as every solver's; ``damping`` is the
+    solver's."""
     w, perm, dead, _ = _prepare(weight, hessian, damp, act_order)
     w = w[torch.argsort(perm)].T  # (out, in) in the original order, dead inputs zeroed
-    shift = damping_lambda(hessian, result.damping or damp)
+    shift = damping_lambda(hessian, max(damp, result.damping))
     h = _damped(hessian, torch.arange(hessian.shape[0], device=w.device), dead, shift).float()
     codes, scale, zero = result.codes, result.scale, result.zero_point
     g = grid.resolve_group_size(w.shape[1], group_size)
