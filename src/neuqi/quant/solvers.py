@@ -484,14 +484,16 @@ def refit_params(
     return new_scale, new_zero
 
 
-def _row_losses(weight, hessian, codes, scale, zero_point, group_size) -> torch.Tensor:
+def _row_losses(weight: torch.Tensor, hessian: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
+                zero_point: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(ΔHΔᵀ)_rr per row (out,) fp64, Δ = Ŵ − W for Ŵ = dequantize(codes, scale, zero_point)."""
     delta = (grid.dequantize(codes, scale, zero_point, group_size) - weight).double()
     return ((delta @ hessian) * delta).sum(1)
 
 
 def refine(
     weight: torch.Tensor, hessian: torch.Tensor, result: SolverResult, bits: int, group_size: int = -1, *,
-    damp: float = 0.01, rounds: int = 4, act_order: bool = True,
+    damp: float = 0.1, rounds: int = 8, act_order: bool = True,
 ) -> SolverResult:
     """``rounds`` × (a coordinate-descent pass over the codes, then the rows' optimal (s, Z)) on a solver's
     ``result`` for ``weight`` (out, in) and ``hessian`` (in, in) (see the module docstring), with
