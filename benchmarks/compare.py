@@ -422,9 +422,13 @@ def pivot_tables(results: list[dict[str, Any]]) -> str:
     bpw = {s: next(r["bits_per_weight"] for r in results if r.get("setting") == s) for s in settings}
     head = "| method | " + " | ".join(f"{SETTING_TITLES[s]} ({bpw[s]:.2f} bpw)" for s in settings) + " |"
 
+    # bold: what `neuqi quantize` does by default (neuqi_refine), or the paper's pipeline where that was not run
+    refined = {r.get("setting") for r in results if r.get("method") == "neuqi_refine"}
+
     def ppl(r: dict[str, Any]) -> str:
         cell = f"{_cell(r['metrics'], 'wikitext2_ppl')} / {_cell(r['metrics'], 'c4_ppl')}"
-        return f"**{cell}**" if r.get("method") == "neuqi" else cell
+        default = "neuqi_refine" if r.get("setting") in refined else "neuqi"
+        return f"**{cell}**" if r.get("method") == default else cell
 
     def zero_shot(r: dict[str, Any]) -> str | None:
         avg = r["metrics"].get("zero_shot_avg")
