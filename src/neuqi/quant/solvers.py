@@ -422,7 +422,8 @@ def _descend_codes(
         cols = order[b1 : b1 + block_size]
         idx = torch.tensor(cols, device=weight.device)
         local = feedback[idx]  # (B, out): the block's rows of the feedback, kept current
-        h_block = hessian[idx][:, idx]  # (B, B)
+        h_cols = hessian[:, idx]  # (in, B)
+        h_block = h_cols[idx]  # (B, B)
         steps = torch.zeros_like(local)
         for k, i in enumerate(cols):
             target = w_hat[i] - local[k] * inv_diag[i]
@@ -432,9 +433,7 @@ def _descend_codes(
             torch.sub(new, w_hat[i], out=step)
             local.addr_(h_block[:, k], step)
             w_hat[i], q_t[i] = new, q
-        rest = torch.ones(n, dtype=torch.bool, device=weight.device)
-        rest[idx] = False
-        feedback[rest] += hessian[rest][:, idx] @ steps
+        feedback.addmm_(h_cols, steps)  # every row; the block's own rows are then replaced by their running values
         feedback[idx] = local
     return q_t.T.to(torch.uint8).contiguous()
 
