@@ -124,6 +124,10 @@ class QuantConfig:
             return "rtn"
         return "gptq" if self.init == "minmax" else self.init
 
+    def refine_rounds(self) -> int:
+        """Rounds of refinement the solver's result gets: ``refine``, or 0 for RTN (never refined)."""
+        return 0 if self.solver == "rtn" else self.refine
+
     def linear_format(self, name: str) -> tuple[int, int]:
         """(bits, group_size) of the linear ``name``: from ``plan`` if it lists it, else the config's."""
         bits, group_size = (self.plan or {}).get(name, (self.bits, self.group_size))
@@ -134,7 +138,8 @@ class QuantConfig:
         pipeline) and ``-rN`` for other non-default rounds, ``-fp`` for ``target="fp"``."""
         size = f"bpw{self.bpw:g}" if self.bpw is not None else (
             f"w{self.bits}g{'c' if self.group_size == -1 else self.group_size}")
-        refine = f"-r{self.refine}" if self.refine != _REFINE_DEFAULT and self.solver != "rtn" else ""
+        refine = f"-r{self.refine}" if self.refine_rounds() not in (0, _REFINE_DEFAULT) or (
+            self.refine == 0 and self.solver != "rtn") else ""
         return f"{size}-{self.init.replace('_', '-')}-{self.solver}{refine}" + ("-fp" if self.target == "fp" else "")
 
 

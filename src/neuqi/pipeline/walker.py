@@ -233,8 +233,8 @@ def _quantize_linear(
     solver = solvers.get_solver(config.solver)
     res = solver(weight, hessian, scale, zero, bits, g, act_order=config.act_order, damp=config.damping,
                  block_size=config.block_size, fit=None if scale is not None else fit, name=name)
-    if config.refine and config.solver != "rtn":
-        res = solvers.refine(weight, hessian, res, bits, g, damp=config.refine_damping, rounds=config.refine,
+    if config.refine_rounds():
+        res = solvers.refine(weight, hessian, res, bits, g, damp=config.refine_damping, rounds=config.refine_rounds(),
                              act_order=config.act_order)
     w_hat, scale, zero = res.weight, res.scale, res.zero_point
     record.loss = None if hessian is None else res.loss

@@ -500,8 +500,12 @@ def refine(
     the solver did keeps the refinement from fitting the calibration tokens too closely. Dead inputs keep the code
     of a zero weight. The returned ``loss`` is against the undamped H, as every solver's; ``damping`` is the
     solver's."""
-    w, perm, dead, _ = _prepare(weight, hessian, damp, act_order)
-    w = w[torch.argsort(perm)].T  # (out, in) in the original order, dead inputs zeroed
+    w = weight.float().clone()
+    dead = torch.diagonal(hessian).to(w.device) == 0
+    w[:, dead] = 0.0  # dead inputs quantize as zero weights, as in the solvers
+    diag = torch.where(dead, torch.ones_like(w[0]), torch.diagonal(hessian).to(w))
+    perm = torch.argsort(diag, descending=True, stable=True) if act_order else torch.arange(w.shape[1],
+                                                                                             device=w.device)
     shift = damping_lambda(hessian, max(damp, result.damping))
     h = _damped(hessian, torch.arange(hessian.shape[0], device=w.device), dead, shift).float()
     codes, scale, zero = result.codes, result.scale, result.zero_point
