@@ -3,8 +3,9 @@
 Rows: FP, RTN (Min-Max, round to nearest), GPTQ (Min-Max + LDLQ), NeUQI_int + LDLQ, NeUQI + LDLQ,
 NeUQI + LDLQ + distill (2 and 3 bits), and HQQ (the real ``hqq`` library: float zero-points, no calibration data).
 Settings: W4 g64, W3 g64, W2 g64, W3 channel-wise, W2 channel-wise, and mixed precision at 2.5 and 3.5 bits per
-weight (``bpw2.5``, ``bpw3.5``: ``QuantConfig.bpw``; the sensitivities are measured once and kept in
-``sensitivity-<model>.json``; NeUQI rows plan on the Fisher losses calibrated by end-to-end KL anchors,
+weight (``bpw2.5``, ``bpw3.5``: ``QuantConfig.bpw``; the sensitivities are measured once per refinement setting,
+with the row's own pipeline, and kept in ``sensitivity-<model>.json``, or ``sensitivity-<model>-r8.json`` for the
+refined rows; NeUQI rows plan on the Fisher losses calibrated by end-to-end KL anchors,
 ``neuqi_fisher`` on the Fisher losses alone, ``neuqi_layer`` on raw layer losses).
 ``gptq_dynamic`` is GPTQ with Min-Max fitted when LDLQ reaches each group; ``neuqi_fp`` fits every linear to the FP
 model's output (``QuantConfig.target="fp"``); ``distill`` and ``distill_kl`` distil the NeUQI row. Every quantized
@@ -200,7 +201,7 @@ def run_row(row: str, setting: str, fp: nn.Module, tokenizer, calib: torch.Tenso
         if students_of(row, args.methods.split(",")):
             cache[f"{setting}/{row}"] = model
     if group_size is None:  # mixed precision: the planned formats, counted exactly
-        plan = cache[f"{setting}/plan/{WEIGHTING.get(row, 'kl')}"]
+        plan = cache[f"{setting}/plan/{DISTILL_ROWS[row][0] if row in DISTILL_ROWS else row}"]
         fields["bits_per_weight"] = round(planned_bits_per_weight(fp, plan), 4)
     else:
         fields["bits_per_weight"] = round(model_bits_per_weight(fp, bits, group_size), 4)
@@ -312,27 +313,31 @@ def plan_row(row: str, setting: str, fp: nn.Module, calib: torch.Tensor, args: a
 
     bpw = SETTINGS[setting][0]
     charged = 0.0
-    path = Path(args.out) / f"sensitivity-{Path(args.model).name}.json"  # not a row: outside the row glob
-    if "sensitivity" not in cache and path.exists() and not args.redo:
-        cache["sensitivity"] = load_sensitivity(path)
-        charged = cache["sensitivity"].info["seconds"]
+    # the candidates are quantized by the row's pipeline, refinement included: one measurement per refine setting
+    refine = QuantConfig(**common).refine_rounds()
+    suffix = f"-r{refine}" if refine else ""
+    key = f"sensitivity{suffix}"
+    path = Path(args.out) / f"sensitivity-{Path(args.model).name}{suffix}.json"  # not a row: outside the row glob
+    if key not in cache and path.exists() and not args.redo:
+        cache[key] = load_sensitivity(path)
+        charged = cache[key].info["seconds"]
         log.info("sensitivities from %s (measured in %.0f s)", path, charged)
-    elif "sensitivity" not in cache:
+    elif key not in cache:
         sens = sensitivity.measure_sensitivity(fp, calib, QuantConfig(**common), args.device, args.sens_windows,
                                                args.sens_rows)
-        cache["sensitivity"] = sens
+        cache[key] = sens
         charged = sens.info["seconds"]
         save_sensitivity(sens, path)
     weighting = WEIGHTING.get(row, "kl")
-    if weighting not in cache["sensitivity"].losses:  # a file from before the end-to-end anchors: add them
-        before = cache["sensitivity"].info["seconds"]
-        cache["sensitivity"] = sensitivity.add_anchors(cache["sensitivity"], fp, calib, QuantConfig(**common))
-        charged += cache["sensitivity"].info["seconds"] - before
-        save_sensitivity(cache["sensitivity"], path)
-    plan, report = sensitivity.plan_from_sensitivity(cache["sensitivity"], bpw, weighting)
-    cache[f"{setting}/plan/{weighting}"] = plan
-    report.update(seconds_charged=charged, formats=plan_counts(plan))
-    print(sensitivity.plan_table(plan, cache["sensitivity"].shapes))
+    if weighting not in cache[key].losses:  # a file from before the end-to-end anchors: add them
+        before = cache[key].info["seconds"]
+        cache[key] = sensitivity.add_anchors(cache[key], fp, calib, QuantConfig(**common))
+        charged += cache[key].info["seconds"] - before
+        save_sensitivity(cache[key], path)
+    plan, report = sensitivity.plan_from_sensitivity(cache[key], bpw, weighting)
+    cache[f"{setting}/plan/{row}"] = plan
+    report.update(seconds_charged=charged, formats=plan_counts(plan), sensitivity=path.name)
+    print(sensitivity.plan_table(plan, cache[key].shapes))
     return QuantConfig(bpw=bpw, plan=plan, bpw_weighting=weighting, **common), report
 
 

@@ -274,3 +274,25 @@ def test_kl_weighting_plans_on_the_measured_anchors() -> None:
         QuantConfig(bpw=3.0, bpw_weighting="hessian")
     torch.testing.assert_close(sensitivity.kl_windows_of(tokens, 2, 2), tokens[2:4])
     torch.testing.assert_close(sensitivity.kl_windows_of(tokens, 3, 2), tokens[2:4])  # not enough left: the last
+
+
+def test_candidates_are_judged_by_the_configured_refinement() -> None:
+    """The candidate losses come from the pipeline the plan will run: with ``refine`` on, every candidate's layer
+    loss is the refined one (lower than the solver's alone), and the sensitivity records how it was measured; RTN is
+    never refined."""
+    model = tiny_causal_lm("llama", seed=4).float()
+    tokens = torch.randint(3, 128, (4, 64), generator=torch.Generator().manual_seed(3))
+    stats = sensitivity.measure_stats(model, tokens)
+    name = "model.layers.0.mlp.down_proj"
+    weight = model.get_submodule(name).weight.detach()
+    options = [(2, 32), (2, -1), (3, 32)]
+    plain = QuantConfig(bits=2, group_size=32, refine=0)
+    refined = QuantConfig(bits=2, group_size=32, refine=4, refine_damping=0.01)
+    rows = weight.shape[0]
+    before = sensitivity.candidate_losses(weight, stats[name], options, plain, rows=rows)
+    after = sensitivity.candidate_losses(weight, stats[name], options, refined, rows=rows)
+    for c in options:
+        assert after["layer"][c] < 0.99 * before["layer"][c]
+    for config, rounds in ((plain, 0), (refined, 4), (QuantConfig(solver="rtn", refine=4), 0)):
+        sens = sensitivity.measure_sensitivity(model, tokens, config, windows=2, rows=8, kl_windows=0)
+        assert sens.info["refine"] == rounds

@@ -22,8 +22,9 @@ keeps the shape across bits and group sizes, the anchors set the level.
 
 ``measure_stats`` runs the FP model once, forward and backward, on a few calibration windows and keeps per
 linear H (shared by linears that read the same tensor) and F. ``candidate_losses`` quantizes a seeded random
-subset of each linear's rows with the configured initializer and solver at every candidate (rows are independent
-in LDLQ/GPTQ for a fixed H) and scales the sum up to all rows. ``plan_for_budget`` ties it to ``budget``.
+subset of each linear's rows with the configured initializer, solver and refinement at every candidate (rows are
+independent in LDLQ/GPTQ and in the refinement for a fixed H) and scales the sum up to all rows. ``plan_for_budget``
+ties it to ``budget``.
 """
 
 from __future__ import annotations
@@ -121,8 +122,9 @@ def measure_stats(model: nn.Module, tokens: torch.Tensor, device: torch.device |
 
 def quantize_rows(weight: torch.Tensor, stats: LinearStats, bits: int, group_size: int,
                   config: QuantConfig) -> torch.Tensor:
-    """``weight`` (rows, in) quantized at (bits, group_size) by ``config``'s initializer and solver with the FP
-    Hessian of ``stats`` (static parameters), dequantized, fp32."""
+    """``weight`` (rows, in) quantized at (bits, group_size) by ``config``'s initializer, solver and refinement
+    (``config.refine_rounds()``) with the FP Hessian of ``stats`` (static parameters), dequantized, fp32: the
+    pipeline the plan will run, so the candidates are judged by what it will produce."""
     from ..quant.init import init_params
 
     w = weight.float()
@@ -130,8 +132,12 @@ def quantize_rows(weight: torch.Tensor, stats: LinearStats, bits: int, group_siz
     diag = solvers.damped_diagonal(h, config.damping).float()
     g = grid.resolve_group_size(w.shape[1], group_size)
     s, z = grid.to_storage(*init_params(w, bits, g, method=config.init, hessian_diag=diag, **config.init_options))
-    return solvers.get_solver(config.solver)(w, h, s, z, bits, g, act_order=config.act_order, damp=config.damping,
-                                              block_size=config.block_size).weight
+    res = solvers.get_solver(config.solver)(w, h, s, z, bits, g, act_order=config.act_order, damp=config.damping,
+                                             block_size=config.block_size)
+    if config.refine_rounds():
+        res = solvers.refine(w, h, res, bits, g, damp=config.refine_damping, rounds=config.refine_rounds(),
+                             act_order=config.act_order)
+    return res.weight
 
 
 def candidate_losses(weight: torch.Tensor, stats: LinearStats, options: list[tuple[int, int]], config: QuantConfig,
@@ -315,6 +321,7 @@ def measure_sensitivity(model: nn.Module, tokens: torch.Tensor, config: QuantCon
     linears = decoder_linears(model)
     losses = all_candidate_losses(model, stats, config, rows)
     info = {"windows": min(windows, tokens.shape[0]), "seqlen": tokens.shape[1], "rows": rows,
+            "refine": config.refine_rounds(), "refine_damping": config.refine_damping,
             "stats_seconds": round(t_stats, 2)}
     info["seconds"] = round(time.perf_counter() - start, 2)
     sens = Sensitivity(losses, {n: (m.out_features, m.in_features) for n, (_, m) in linears.items()}, info)
