@@ -3,6 +3,7 @@ checks, and a tiny model planned, quantized, saved and loaded back with mixed fo
 
 from __future__ import annotations
 
+import copy
 import itertools
 import random
 
@@ -296,3 +297,19 @@ def test_candidates_are_judged_by_the_configured_refinement() -> None:
     for config, rounds in ((plain, 0), (refined, 4), (QuantConfig(solver="rtn", refine=4), 0)):
         sens = sensitivity.measure_sensitivity(model, tokens, config, windows=2, rows=8, kl_windows=0)
         assert sens.info["refine"] == rounds
+
+
+def test_anchor_kl_runs_in_float32_and_restores_the_dtype() -> None:
+    """A bf16 model's anchors are the KL its float32 copy measures (a bf16 forward's own rounding would be the
+    floor of the measurement), and the model comes back in bf16, bit-identical."""
+    model = tiny_causal_lm("llama", seed=5).to(torch.bfloat16)
+    tokens = torch.randint(3, 128, (2, 24), generator=torch.Generator().manual_seed(4))
+    reference = copy.deepcopy(model).float()
+    stats = sensitivity.measure_stats(reference, tokens)
+    config = QuantConfig(bits=2, group_size=32, refine=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    got = sensitivity.anchor_kl(model, stats, tokens, config, anchors=((2, 32),))
+    assert all(v.dtype == before[k].dtype and torch.equal(before[k], v) for k, v in model.state_dict().items())
+    expected = sensitivity.anchor_kl(reference, stats, tokens, config, anchors=((2, 32),))
+    for name in expected:
+        assert got[name][(2, 32)] == pytest.approx(expected[name][(2, 32)], rel=1e-5, abs=1e-12)
