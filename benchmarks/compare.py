@@ -3,9 +3,9 @@
 Rows: FP, RTN (Min-Max, round to nearest), GPTQ (Min-Max + LDLQ), NeUQI_int + LDLQ, NeUQI + LDLQ,
 NeUQI + LDLQ + distill (2 and 3 bits), and HQQ (the real ``hqq`` library: float zero-points, no calibration data).
 Settings: W4 g64, W3 g64, W2 g64, W3 channel-wise, W2 channel-wise, and mixed precision at 2.5 and 3.5 bits per
-weight (``bpw2.5``, ``bpw3.5``: ``QuantConfig.bpw``; the sensitivities are measured once per refinement setting,
-with the row's own pipeline, and kept in ``sensitivity-<model>.json``, or ``sensitivity-<model>-r8.json`` for the
-refined rows; NeUQI rows plan on the Fisher losses calibrated by end-to-end KL anchors,
+weight (``bpw2.5``, ``bpw3.5``: ``QuantConfig.bpw``; the sensitivities are measured once, without refinement as in
+``plan_for_budget``, and kept in ``sensitivity-<model>.json``; NeUQI rows plan on the Fisher losses calibrated by
+end-to-end KL anchors,
 ``neuqi_fisher`` on the Fisher losses alone, ``neuqi_layer`` on raw layer losses).
 ``gptq_dynamic`` is GPTQ with Min-Max fitted when LDLQ reaches each group; ``neuqi_fp`` fits every linear to the FP
 model's output (``QuantConfig.target="fp"``); ``distill`` and ``distill_kl`` distil the NeUQI row. Every quantized
@@ -313,30 +313,27 @@ def plan_row(row: str, setting: str, fp: nn.Module, calib: torch.Tensor, args: a
 
     bpw = SETTINGS[setting][0]
     charged = 0.0
-    # the candidates are quantized by the row's pipeline, refinement included: one measurement per refine setting
-    refine = QuantConfig(**common).refine_rounds()
-    suffix = f"-r{refine}" if refine else ""
-    key = f"sensitivity{suffix}"
-    path = Path(args.out) / f"sensitivity-{Path(args.model).name}{suffix}.json"  # not a row: outside the row glob
+    sens_config = QuantConfig(**{**common, "refine": 0})  # as plan_for_budget: the candidates are not refined
+    key = "sensitivity"
+    path = Path(args.out) / f"sensitivity-{Path(args.model).name}.json"  # not a row: outside the row glob
     if key not in cache and path.exists() and not args.redo:
         cache[key] = load_sensitivity(path)
         charged = cache[key].info["seconds"]
         log.info("sensitivities from %s (measured in %.0f s)", path, charged)
     elif key not in cache:
-        sens = sensitivity.measure_sensitivity(fp, calib, QuantConfig(**common), args.device, args.sens_windows,
-                                               args.sens_rows)
+        sens = sensitivity.measure_sensitivity(fp, calib, sens_config, args.device, args.sens_windows, args.sens_rows)
         cache[key] = sens
         charged = sens.info["seconds"]
         save_sensitivity(sens, path)
     weighting = WEIGHTING.get(row, "kl")
     if weighting not in cache[key].losses:  # a file from before the end-to-end anchors: add them
         before = cache[key].info["seconds"]
-        cache[key] = sensitivity.add_anchors(cache[key], fp, calib, QuantConfig(**common))
+        cache[key] = sensitivity.add_anchors(cache[key], fp, calib, sens_config)
         charged += cache[key].info["seconds"] - before
         save_sensitivity(cache[key], path)
     plan, report = sensitivity.plan_from_sensitivity(cache[key], bpw, weighting)
     cache[f"{setting}/plan/{row}"] = plan
-    report.update(seconds_charged=charged, formats=plan_counts(plan), sensitivity=path.name)
+    report.update(seconds_charged=charged, formats=plan_counts(plan))
     print(sensitivity.plan_table(plan, cache[key].shapes))
     return QuantConfig(bpw=bpw, plan=plan, bpw_weighting=weighting, **common), report
 

@@ -278,9 +278,9 @@ def test_kl_weighting_plans_on_the_measured_anchors() -> None:
 
 
 def test_candidates_are_judged_by_the_configured_refinement() -> None:
-    """The candidate losses come from the pipeline the plan will run: with ``refine`` on, every candidate's layer
-    loss is the refined one (lower than the solver's alone), and the sensitivity records how it was measured; RTN is
-    never refined."""
+    """``candidate_losses`` runs the configured pipeline: with ``refine`` on, every candidate's layer loss is the
+    refined one (lower than the solver's alone), and the sensitivity records how it was measured; RTN is never
+    refined. ``plan_for_budget`` measures unrefined."""
     model = tiny_causal_lm("llama", seed=4).float()
     tokens = torch.randint(3, 128, (4, 64), generator=torch.Generator().manual_seed(3))
     stats = sensitivity.measure_stats(model, tokens)
@@ -297,6 +297,10 @@ def test_candidates_are_judged_by_the_configured_refinement() -> None:
     for config, rounds in ((plain, 0), (refined, 4), (QuantConfig(solver="rtn", refine=4), 0)):
         sens = sensitivity.measure_sensitivity(model, tokens, config, windows=2, rows=8, kl_windows=0)
         assert sens.info["refine"] == rounds
+    # plan_for_budget plans on unrefined candidates whatever the run's refine (refined ones planned no better)
+    _, report = sensitivity.plan_for_budget(model, tokens, QuantConfig(bpw=3.0, bpw_weighting="fisher", refine=4),
+                                            windows=2, rows=8)
+    assert report["refine"] == 0
 
 
 def test_anchor_kl_runs_in_float32_and_restores_the_dtype() -> None:
