@@ -28,7 +28,7 @@ ties it to ``budget``.
 
 ``plan_for_budget`` measures without the refinement (``QuantConfig.refine``) even when the run refines: on SmolLM2
 a plan on refined candidate losses and refined anchors was no better (2.5 bpw: 55.72 / 67.45 WikiText-2 / C4
-against 54.50 / 64.27 for the unrefined plan, both refined; 3.5 bpw: 25.31 / 33.67 against 25.34 / 34.07) and
+against 54.50 / 64.27 for the unrefined plan, both refined; 3.5 bpw: 25.31 / 33.67 against 25.35 / 34.09) and
 its measurement costs more.
 """
 
