@@ -313,28 +313,27 @@ def plan_row(row: str, setting: str, fp: nn.Module, calib: torch.Tensor, args: a
 
     bpw = SETTINGS[setting][0]
     charged = 0.0
-    sens_config = QuantConfig(**{**common, "refine": 0})  # as plan_for_budget: the candidates are not refined
-    key = "sensitivity"
+    sens_config = sensitivity.planning_config(QuantConfig(**common))
     path = Path(args.out) / f"sensitivity-{Path(args.model).name}.json"  # not a row: outside the row glob
-    if key not in cache and path.exists() and not args.redo:
-        cache[key] = load_sensitivity(path)
-        charged = cache[key].info["seconds"]
+    if "sensitivity" not in cache and path.exists() and not args.redo:
+        cache["sensitivity"] = load_sensitivity(path)
+        charged = cache["sensitivity"].info["seconds"]
         log.info("sensitivities from %s (measured in %.0f s)", path, charged)
-    elif key not in cache:
+    elif "sensitivity" not in cache:
         sens = sensitivity.measure_sensitivity(fp, calib, sens_config, args.device, args.sens_windows, args.sens_rows)
-        cache[key] = sens
+        cache["sensitivity"] = sens
         charged = sens.info["seconds"]
         save_sensitivity(sens, path)
     weighting = WEIGHTING.get(row, "kl")
-    if weighting not in cache[key].losses:  # a file from before the end-to-end anchors: add them
-        before = cache[key].info["seconds"]
-        cache[key] = sensitivity.add_anchors(cache[key], fp, calib, sens_config)
-        charged += cache[key].info["seconds"] - before
-        save_sensitivity(cache[key], path)
-    plan, report = sensitivity.plan_from_sensitivity(cache[key], bpw, weighting)
+    if weighting not in cache["sensitivity"].losses:  # a file from before the end-to-end anchors: add them
+        before = cache["sensitivity"].info["seconds"]
+        cache["sensitivity"] = sensitivity.add_anchors(cache["sensitivity"], fp, calib, sens_config)
+        charged += cache["sensitivity"].info["seconds"] - before
+        save_sensitivity(cache["sensitivity"], path)
+    plan, report = sensitivity.plan_from_sensitivity(cache["sensitivity"], bpw, weighting)
     cache[f"{setting}/plan/{row}"] = plan
     report.update(seconds_charged=charged, formats=plan_counts(plan))
-    print(sensitivity.plan_table(plan, cache[key].shapes))
+    print(sensitivity.plan_table(plan, cache["sensitivity"].shapes))
     return QuantConfig(bpw=bpw, plan=plan, bpw_weighting=weighting, **common), report
 
 

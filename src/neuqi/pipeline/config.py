@@ -138,8 +138,7 @@ class QuantConfig:
         pipeline) and ``-rN`` for other non-default rounds, ``-fp`` for ``target="fp"``."""
         size = f"bpw{self.bpw:g}" if self.bpw is not None else (
             f"w{self.bits}g{'c' if self.group_size == -1 else self.group_size}")
-        refine = f"-r{self.refine}" if self.refine_rounds() not in (0, _REFINE_DEFAULT) or (
-            self.refine == 0 and self.solver != "rtn") else ""
+        refine = "" if self.solver == "rtn" or self.refine == _REFINE_DEFAULT else f"-r{self.refine}"
         return f"{size}-{self.init.replace('_', '-')}-{self.solver}{refine}" + ("-fp" if self.target == "fp" else "")
 
 

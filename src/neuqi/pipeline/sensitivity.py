@@ -229,7 +229,8 @@ def _float32(model: nn.Module) -> Iterator[None]:
     fp16 value survives the round trip through fp32 exactly)."""
     dtypes = {name: t.dtype for name, t in itertools.chain(model.named_parameters(), model.named_buffers())}
     try:
-        yield model.float()
+        model.float()
+        yield
     finally:
         for name, t in itertools.chain(model.named_parameters(), model.named_buffers()):
             if t.dtype != dtypes[name]:
@@ -394,6 +395,12 @@ def plan_from_sensitivity(sens: Sensitivity, bpw: float, weighting: str = "kl"
     return plan, report
 
 
+def planning_config(config: QuantConfig) -> QuantConfig:
+    """The config the sensitivities of a ``config`` run are measured with: the same without refinement (the module
+    docstring says why)."""
+    return dataclasses.replace(config, refine=0)
+
+
 def plan_for_budget(model: nn.Module, tokens: torch.Tensor, config: QuantConfig, device: torch.device | None = None,
                     windows: int = 8, rows: int = 64) -> tuple[QuantConfig, dict[str, Any]]:
     """``config`` with ``plan`` = the per-linear (bits, group_size) minimising the ``config.bpw_weighting`` losses
@@ -403,9 +410,8 @@ def plan_for_budget(model: nn.Module, tokens: torch.Tensor, config: QuantConfig,
     linears = decoder_linears(model)
     check_bpw(config.bpw, {n: (m.out_features, m.in_features) for n, (_, m) in linears.items()})
     weighting = config.bpw_weighting
-    unrefined = dataclasses.replace(config, refine=0)  # the module docstring says why
     kl_windows = 2 if weighting == "kl" else 0
-    sens = measure_sensitivity(model, tokens, unrefined, device, windows, rows, kl_windows=kl_windows)
+    sens = measure_sensitivity(model, tokens, planning_config(config), device, windows, rows, kl_windows=kl_windows)
     plan, report = plan_from_sensitivity(sens, config.bpw, weighting)
     return QuantConfig.from_dict({**config.to_dict(), "plan": plan}), report
 
