@@ -253,6 +253,19 @@ def test_calibrated_losses_meet_the_anchors_and_keep_the_fisher_shape() -> None:
     assert got["b"] == pytest.approx({(2, -1): 3.0, (4, -1): 0.3})
 
 
+def test_each_candidate_is_calibrated_by_the_nearest_anchor_of_its_kind() -> None:
+    """With 2- and 3-bit anchors, a 4-bit candidate takes the 3-bit ratio and a 2-bit one the 2-bit ratio; the
+    kind (channel-wise or grouped) comes before the bits."""
+    fisher = {"a": {(2, 64): 2.0, (3, 64): 1.0, (4, 32): 0.5, (2, -1): 4.0, (3, -1): 2.0, (4, -1): 1.0}}
+    kl = {"a": {(2, 64): 6.0, (3, 64): 5.0, (2, -1): 8.0}}
+    got = sensitivity.calibrated_losses(fisher, kl)["a"]
+    assert got == {(2, 64): 6.0, (3, 64): 5.0, (4, 32): 2.5, (2, -1): 8.0, (3, -1): 4.0, (4, -1): 2.0}
+    anchors = [(2, 64), (2, -1), (3, 64), (3, -1)]
+    assert [sensitivity.nearest_anchor(c, anchors) for c in [(2, 32), (4, 128), (4, -1), (2, -1), (3, 32)]] == [
+        (2, 64), (3, 64), (3, -1), (2, -1), (3, 64)]
+    assert sensitivity.nearest_anchor((3, -1), [(2, 64)]) == (2, 64)  # no anchor of its kind: the nearest other
+
+
 def test_kl_weighting_plans_on_the_measured_anchors() -> None:
     """measure_sensitivity keeps the anchors and the "kl" losses built from them; the plan report says which
     weighting chose it; a sensitivity without anchors refuses the "kl" weighting."""

@@ -280,19 +280,25 @@ def calibrated_losses(fisher: dict[str, dict[tuple[int, int], float]],
 
         loss(ℓ, c) = fisher(ℓ, c) · KL(ℓ, a) / fisher(ℓ, a),
 
-    a = the channel-wise anchor for a channel-wise c, else the grouped one (either one when only one exists). The
-    Fisher losses keep the shape across bits and group sizes within a linear; the anchors fix how much a linear's
-    error costs the model end to end, and how much worse channel-wise grouping is than the Fisher says."""
+    a = ``nearest_anchor(c, measured)``: of the same kind as c (channel-wise or grouped) when one is measured,
+    then the nearest in bits. The Fisher losses keep the shape across bits and group sizes within a linear; the
+    anchors fix how much a linear's error costs the model end to end, and how much worse channel-wise grouping is
+    than the Fisher says."""
     out: dict[str, dict[tuple[int, int], float]] = {}
     for name, losses in fisher.items():
         measured = kl[name]
-        grouped = [a for a in measured if a[1] != -1]
-        chan = [a for a in measured if a[1] == -1]
         out[name] = {}
         for c, value in losses.items():
-            a = (chan or grouped)[0] if c[1] == -1 else (grouped or chan)[0]
+            a = nearest_anchor(c, list(measured))
             out[name][c] = value * measured[a] / max(losses[a], 1e-30)
     return out
+
+
+def nearest_anchor(candidate: tuple[int, int], anchors: list[tuple[int, int]]) -> tuple[int, int]:
+    """The anchor that calibrates ``candidate`` (bits, g): among the anchors of its kind (g = -1 or grouped; all
+    when none is), the one nearest in bits, then nearest in group size, then the first listed."""
+    kind = [a for a in anchors if (a[1] == -1) == (candidate[1] == -1)] or anchors
+    return min(kind, key=lambda a: (abs(a[0] - candidate[0]), abs(a[1] - candidate[1])))
 
 
 @dataclass
