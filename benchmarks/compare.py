@@ -317,7 +317,8 @@ def plan_row(row: str, setting: str, fp: nn.Module, calib: torch.Tensor, args: a
     path = Path(args.out) / f"sensitivity-{Path(args.model).name}.json"  # not a row: outside the row glob
     if "sensitivity" not in cache and path.exists() and not args.redo:
         cache["sensitivity"] = load_sensitivity(path)
-        charged = cache["sensitivity"].info["seconds"]
+        info = cache["sensitivity"].info  # a Fisher or raw-loss plan does not need the anchors: not charged
+        charged = info["seconds"] - (info.get("kl_seconds", 0) if WEIGHTING.get(row, "kl") != "kl" else 0)
         log.info("sensitivities from %s (measured in %.0f s)", path, charged)
     elif "sensitivity" not in cache:
         sens = sensitivity.measure_sensitivity(fp, calib, sens_config, args.device, args.sens_windows, args.sens_rows)
