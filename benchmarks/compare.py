@@ -312,20 +312,20 @@ def plan_row(row: str, setting: str, fp: nn.Module, calib: torch.Tensor, args: a
     from neuqi.pipeline import sensitivity
 
     bpw = SETTINGS[setting][0]
-    charged = 0.0
+    weighting = WEIGHTING.get(row, "kl")
     sens_config = sensitivity.planning_config(QuantConfig(**common))
     path = Path(args.out) / f"sensitivity-{Path(args.model).name}.json"  # not a row: outside the row glob
-    if "sensitivity" not in cache and path.exists() and not args.redo:
-        cache["sensitivity"] = load_sensitivity(path)
-        info = cache["sensitivity"].info  # a Fisher or raw-loss plan does not need the anchors: not charged
-        charged = info["seconds"] - (info.get("kl_seconds", 0) if WEIGHTING.get(row, "kl") != "kl" else 0)
-        log.info("sensitivities from %s (measured in %.0f s)", path, charged)
-    elif "sensitivity" not in cache:
-        sens = sensitivity.measure_sensitivity(fp, calib, sens_config, args.device, args.sens_windows, args.sens_rows)
-        cache["sensitivity"] = sens
-        charged = sens.info["seconds"]
-        save_sensitivity(sens, path)
-    weighting = WEIGHTING.get(row, "kl")
+    charged = 0.0
+    if "sensitivity" not in cache:
+        if path.exists() and not args.redo:
+            cache["sensitivity"] = load_sensitivity(path)
+            log.info("sensitivities from %s (measured in %.0f s)", path, cache["sensitivity"].info["seconds"])
+        else:
+            cache["sensitivity"] = sensitivity.measure_sensitivity(fp, calib, sens_config, args.device,
+                                                                   args.sens_windows, args.sens_rows)
+            save_sensitivity(cache["sensitivity"], path)
+        info = cache["sensitivity"].info  # a Fisher or raw-loss plan does not use the anchors: not charged for them
+        charged = info["seconds"] - (0 if weighting == "kl" else info.get("kl_seconds", 0))
     if weighting not in cache["sensitivity"].losses:  # a file from before the end-to-end anchors: add them
         before = cache["sensitivity"].info["seconds"]
         cache["sensitivity"] = sensitivity.add_anchors(cache["sensitivity"], fp, calib, sens_config)

@@ -286,10 +286,10 @@ def calibrated_losses(fisher: dict[str, dict[tuple[int, int], float]],
     than the Fisher says."""
     out: dict[str, dict[tuple[int, int], float]] = {}
     for name, losses in fisher.items():
-        measured = kl[name]
+        measured, anchors = kl[name], list(kl[name])
         out[name] = {}
         for c, value in losses.items():
-            a = nearest_anchor(c, list(measured))
+            a = nearest_anchor(c, anchors)
             out[name][c] = value * measured[a] / max(losses[a], 1e-30)
     return out
 
